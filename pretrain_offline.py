@@ -1,0 +1,756 @@
+"""Offline pretraining for SAMG: CQL, TD3+BC or AWAC, plus the conditional VAE that SAMG's p(s, a) needs.
+
+    python pretrain_offline.py --env-id hopper-medium-v2 --algo cql
+
+Writes `checkpoints/{env}__{algo}__{seed}.pt`, the file that samg_sac.py / samg_td3.py / samg_awac.py load.
+The online scripts never read the dataset: everything they need (networks, C-VAE, its calibration, state
+statistics, reward transform, reference scores) is in that checkpoint.
+"""
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    env_id: str = "hopper-medium-v2"
+    """Minari dataset id (`mujoco/hopper/medium-v0`) or D4RL-style name (`hopper-medium-v2`, `antmaze-umaze-v2`)"""
+    algo: Literal["cql", "td3bc", "awac"] = "cql"
+    """offline algorithm: cql (for samg_sac.py), td3bc (for samg_td3.py), awac (for samg_awac.py)"""
+    seed: int = 1
+    """seed of the experiment (also names the checkpoint)"""
+    total_steps: int = 1_000_000
+    """gradient steps of the offline algorithm"""
+    cvae_steps: int = 100_000
+    """gradient steps of the C-VAE (trained in the same run, on the same batches)"""
+    batch_size: int = 256
+    """minibatch size"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network smoothing coefficient"""
+    hidden_dims: Tuple[int, ...] = (256, 256)
+    """hidden layer sizes of actor, critics and C-VAE"""
+    num_critics: int = 2
+    """number of Q-functions in the critic ensemble"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    actor_lr: Optional[float] = None
+    """actor learning rate (default: 1e-4 for cql, 3e-4 otherwise)"""
+    cql_alpha: Optional[float] = None
+    """CQL regulariser weight (default: 5.0, 10.0 for antmaze)"""
+    cql_n_actions: int = 10
+    """actions sampled per state (random, policy at s, policy at s') for CQL's logsumexp"""
+    cql_temperature: float = 1.0
+    """CQL logsumexp temperature"""
+    td3bc_alpha: float = 2.5
+    """TD3+BC: weight of the Q term against behaviour cloning"""
+    policy_noise: float = 0.2
+    """TD3+BC: target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """TD3+BC: clip of the smoothing noise"""
+    policy_freq: int = 2
+    """TD3+BC: actor and target updates every this many critic updates"""
+    awac_lambda: Optional[float] = None
+    """AWAC temperature lambda in exp(A / lambda) (default: 1.0, 0.1 for antmaze and adroit)"""
+    awac_max_weight: float = 100.0
+    """AWAC: clip of the advantage weights"""
+    cvae_lr: float = 1e-3
+    """C-VAE learning rate"""
+    latent_dim: Optional[int] = None
+    """C-VAE latent size (default: 2 x action dimension)"""
+    eval_freq: int = 10_000
+    """evaluate the deterministic policy every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    checkpoint_dir: str = "checkpoints"
+    """where the checkpoint is written"""
+    exp_name: str = "pretrain"
+    """name of this experiment (part of the run name)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    torch_deterministic: bool = True
+    """sets torch.backends.cudnn.deterministic"""
+
+
+# --- shared: dataset names ---
+# D4RL-style env name -> (Gymnasium id, D4RL reference random score, D4RL reference expert score).
+# Scores are D4RL's (Fu et al. 2020, d4rl/infos.py); None: measured by make_dataset.py.
+GYM_ENVS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
+    "ant": ("Ant-v5", -325.6, 3879.7),
+    "pendulum": ("Pendulum-v1", None, None),
+    "invertedpendulum": ("InvertedPendulum-v5", None, None),
+    "inverteddoublependulum": ("InvertedDoublePendulum-v5", None, None),
+}
+QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ADROIT_ENVS = ("pen", "door", "hammer", "relocate")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+)-v(?P<version>\d+)$")
+
+
+def parse_d4rl_name(name: str):
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); None when `name` is not D4RL-style."""
+    match = D4RL_NAME.match(name)
+    if match is None:
+        return None
+    env, quality = match["env"], match["quality"]
+    if env == "antmaze" and quality in ANTMAZE_TASKS:
+        return env, quality
+    if env in ADROIT_ENVS and quality in ADROIT_QUALITIES:
+        return env, quality
+    if env in GYM_ENVS and quality in QUALITIES:
+        return env, quality
+    return None
+
+
+ACCEPTED_IDS = (
+    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v{k} with env in "
+    f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, "
+    f"or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
+)
+# --- end shared ---
+
+
+# --- shared: environment ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flatten_obs(obs):
+    """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
+    is in achieved_goal, so leaving it out would blind the policy."""
+    if isinstance(obs, dict):
+        return np.concatenate([obs["observation"], obs["achieved_goal"], obs["desired_goal"]], axis=-1)
+    return obs
+
+
+def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str] = None):
+    if gym_id not in gym.registry:
+        import gymnasium_robotics  # registers AntMaze and Adroit, which only these tasks need
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(gym_id, render_mode=render_mode, **gym_kwargs)
+    env.action_space.seed(seed)
+    return env
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The networks act in [-1, 1]; the environment gets [low, high]."""
+    return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+# --- end shared ---
+
+
+# --- shared: networks ---
+def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    if output_activation is not None:
+        layers.append(output_activation)
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers as one batched matmul: [n, batch, in] -> [n, batch, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, member by member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """N Q-functions evaluated in one call: forward(obs [B, o], action [B, a]) -> Q values [N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, num_critics: int):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims]
+        layers = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU()]
+        layers.append(VectorizedLinear(dims[-1], 1, num_critics))
+        self.net = nn.Sequential(*layers)
+        self.num_critics = num_critics
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+# --- end shared ---
+
+
+# --- shared: tanh-Gaussian actor ---
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL policy: a ~ tanh(N(mean(s), std(s))), log-std clamped to [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.trunk = mlp([obs_dim, *hidden_dims], output_activation=nn.ReLU())
+        self.mean = nn.Linear(hidden_dims[-1], act_dim)
+        self.log_std = nn.Linear(hidden_dims[-1], act_dim)
+
+    def forward(self, obs: torch.Tensor):
+        """Returns a reparameterised sample, its log-probability and the deterministic action tanh(mean)."""
+        hidden = self.trunk(obs)
+        mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
+        noise = torch.randn_like(mean)
+        pre_tanh = mean + log_std.exp() * noise
+        action = torch.tanh(pre_tanh)
+        gaussian_log_prob = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        # log(1 - tanh(u)^2) written stably: 2 * (log 2 - u - softplus(-2u))
+        squash_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+        log_prob = (gaussian_log_prob - squash_correction).sum(-1)
+        return action, log_prob, torch.tanh(mean)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        action, _, mean_action = self(obs)
+        return mean_action if deterministic else action
+# --- end shared ---
+
+
+# --- shared: deterministic actor ---
+class DeterministicActor(nn.Module):
+    """TD3/TD3+BC policy: a = tanh(f(s)); exploration noise is added by the caller."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        return self(obs)
+# --- end shared ---
+
+
+# --- shared: Gaussian actor ---
+class GaussianActor(nn.Module):
+    """AWAC policy: N(tanh(f(s)), std) with a state-independent log-std clamped to [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self.net(obs), self.log_std.clamp(-5.0, 2.0)
+        return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        mean = self.net(obs)
+        if deterministic:
+            return mean
+        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+# --- end shared ---
+
+
+# --- shared: C-VAE and p(s,a) ---
+class CVAE(nn.Module):
+    """Conditional VAE of actions given states: encoder (s, a) -> N(mu, sigma) in R^d, decoder (s, z) -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden_dims):
+        super().__init__()
+        self.encoder = mlp([obs_dim + act_dim, *hidden_dims, 2 * latent_dim])
+        self.decoder = mlp([obs_dim + latent_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+
+    def encode(self, obs: torch.Tensor, action: torch.Tensor):
+        mu, log_std = self.encoder(torch.cat([obs, action], dim=-1)).chunk(2, dim=-1)
+        return mu, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([obs, z], dim=-1))
+
+
+def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Training loss: MSE reconstruction + 0.5 * KL(N(mu, sigma) || N(0, I)), both averaged over elements."""
+    mu, log_std = cvae.encode(obs, action)
+    recon = cvae.decode(obs, mu + log_std.exp() * torch.randn_like(mu))
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).mean()
+    return F.mse_loss(recon, action) + 0.5 * kl
+
+
+def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+    mu, log_std = cvae.encode(obs, action)
+    recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
+    return recon_error + kl
+
+
+def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension j is an independent Gaussian; q_j = 2 (1 - Phi(|mu_j|)) is the prior's two-sided
+    tail mass beyond the encoder mean, and p is their average (linear weighting)."""
+    mu, _ = cvae.encode(obs, action)
+    return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
+
+
+def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
+    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+# --- end shared ---
+
+
+# --- shared: checkpoint I/O ---
+CHECKPOINT_FORMAT = "samg-offline-1"
+CHECKPOINT_KEYS = (
+    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
+    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
+    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+)
+
+
+def save_checkpoint(payload: dict, path: str):
+    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
+    if checkpoint["algo"] != algo:
+        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
+             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        fail(f"the {what} in {path} does not fit this network ({reason}); check --hidden-dims / --num-critics")
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+
+# --- dataset resolution and loading ---
+def hosted_equivalents(env: str, quality: str) -> list:
+    """Minari's hosted ports of a D4RL name (two ids when medium-expert must be combined); [] when none exists."""
+    if env == "antmaze":
+        return [f"D4RL/antmaze/{quality}-v1"]
+    if env in ADROIT_ENVS:
+        return [f"D4RL/{env}/{quality}-v2"]
+    if env in ("hopper", "halfcheetah", "walker2d", "ant") and quality in ("medium", "expert"):
+        return [f"mujoco/{env}/{quality}-v0"]
+    if env in ("hopper", "halfcheetah", "walker2d", "ant") and quality == "medium-expert":
+        return [f"mujoco/{env}/medium-v0", f"mujoco/{env}/expert-v0"]
+    return []
+
+
+def with_medium_expert_pair(dataset_id: str, quality: str) -> list:
+    """Candidate id lists for one source: the id itself, and for medium-expert also its medium + expert parts."""
+    candidates = [[dataset_id]]
+    if quality == "medium-expert":
+        candidates.append([dataset_id.replace("medium-expert", part) for part in ("medium", "expert")])
+    return candidates
+
+
+def combine(dataset_ids: list, new_id: str, local: set) -> str:
+    import minari
+
+    if len(dataset_ids) == 1:
+        return dataset_ids[0]
+    if new_id not in local:
+        print(f"combining {' + '.join(dataset_ids)} into {new_id}")
+        try:
+            minari.combine_datasets([minari.load_dataset(i) for i in dataset_ids], new_id)
+        except Exception as exc:
+            fail(f"could not combine {' + '.join(dataset_ids)} into {new_id} ({exc}); make {new_id} directly")
+    return new_id
+
+
+def resolve_dataset(env_id: str, download: bool) -> str:
+    """Maps --env-id to a local Minari dataset id, in the spec's order: imported D4RL file, hosted port already
+    downloaded, locally generated dataset, and finally a download of the hosted port."""
+    import minari
+
+    local = set(minari.list_local_datasets())
+    if "/" in env_id:  # a Minari id, taken as it is
+        if env_id in local:
+            return env_id
+        hosted, ways = [env_id], f"connect to the internet so Minari can download {env_id}, or check the id"
+    else:
+        parsed = parse_d4rl_name(env_id)
+        if parsed is None:
+            fail(f"unknown --env-id {env_id!r}; use {ACCEPTED_IDS}")
+        env, quality = parsed
+        hosted = hosted_equivalents(env, quality)
+        me_id = {"mujoco": f"mujoco/{env}/medium-expert-v0"}
+        sources = [*with_medium_expert_pair(f"d4rl/{env}/{quality}-v2", quality), [*hosted],
+                   *with_medium_expert_pair(f"local/{env}/{quality}-v0", quality)]
+        for ids in sources:
+            if ids and all(i in local for i in ids):
+                return combine(ids, ids[0].split("/")[0] == "mujoco" and me_id["mujoco"]
+                               or ids[0].replace("/medium-v", "/medium-expert-v"), local)
+        ways = (f"import the original D4RL file with `python make_dataset.py --from-d4rl FILE.hdf5 --env-id {env_id}`, "
+                + (f"connect to the internet so Minari can download {' and '.join(hosted)}, " if hosted else
+                   "(Minari hosts no port of this dataset) ")
+                + f"or generate it offline with `python make_dataset.py --env-id {env_id}`")
+    if download and hosted:
+        try:
+            for dataset_id in hosted:
+                if dataset_id not in local:
+                    print(f"downloading {dataset_id} from Minari's hub")
+                    minari.download_dataset(dataset_id)
+        except Exception as exc:
+            fail(f"no local dataset for {env_id} and the download failed ({str(exc).splitlines()[0]}); {ways}")
+        return combine(hosted, f"{hosted[0].rsplit('/', 1)[0]}/medium-expert-v0", set(minari.list_local_datasets()))
+    fail(f"no local dataset for {env_id} in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}; {ways}")
+
+
+def load_dataset(dataset_id: str) -> dict:
+    """Reads every episode into transitions (s, a, r, s', terminated) and the facts the checkpoint records."""
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except Exception as exc:
+        fail(f"could not read dataset {dataset_id} ({type(exc).__name__}: {exc}); re-create it")
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
+    for episode in dataset.iterate_episodes():
+        observations = flatten_obs(episode.observations)
+        parts["observations"].append(observations[:-1])
+        parts["next_observations"].append(observations[1:])
+        parts["actions"].append(episode.actions)
+        parts["rewards"].append(episode.rewards)
+        parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
+    if sum(len(r) for r in parts["rewards"]) == 0:
+        fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
+    data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
+    for key, value in data.items():
+        if not np.isfinite(value).all():
+            fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
+        recovered = dataset.recover_environment(eval_env=True)
+        env_spec = recovered.spec
+        recovered.close()
+    except Exception as exc:
+        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
+    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
+    if env_spec.max_episode_steps is not None:
+        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
+    metadata = dataset.storage.metadata
+    ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
+    if None in ref_scores:
+        print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
+        ref_scores = (0.0, 100.0)
+    space = dataset.spec.action_space
+    return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
+                action_low=np.asarray(space.low, dtype=np.float32), action_high=np.asarray(space.high, dtype=np.float32),
+                ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+
+
+# --- the offline algorithms: one update function each, on a batch of tensors ---
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters()):
+            target_param.lerp_(param, tau)
+
+
+def cql_update(step, batch, nets, opts, args):
+    """Conservative Q-learning (SAC-based): TD loss + cql_alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
+    batch_size, act_dim, n = obs.shape[0], actions.shape[1], args.cql_n_actions
+    with torch.no_grad():
+        next_actions, _, _ = actor(next_obs)
+        target_q = critic_target(next_obs, next_actions).min(0).values  # no entropy term in the offline backup
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+        repeated_obs, repeated_next_obs = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
+        policy_actions, policy_log_prob, _ = actor(repeated_obs)
+        next_policy_actions, next_policy_log_prob, _ = actor(repeated_next_obs)
+        random_actions = torch.empty_like(policy_actions).uniform_(-1.0, 1.0)
+        # importance weights: uniform density on [-1, 1]^A, and the policy's own density for its samples
+        log_density = torch.stack([torch.full_like(policy_log_prob, -act_dim * math.log(2.0)), policy_log_prob,
+                                   next_policy_log_prob]).view(3, batch_size, n)
+    q_data = critic(obs, actions)  # [N, B]
+    sampled_q = critic(repeated_obs.repeat(3, 1), torch.cat([random_actions, policy_actions, next_policy_actions]))
+    sampled_q = (sampled_q.view(-1, 3, batch_size, n) - log_density).permute(0, 2, 1, 3).flatten(2)
+    logsumexp_q = torch.logsumexp(sampled_q / args.cql_temperature, dim=-1) * args.cql_temperature
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    conservative_loss = args.cql_alpha * (logsumexp_q - q_data).mean(1).sum()
+    opts["critic"].zero_grad()
+    (td_loss + conservative_loss).backward()
+    opts["critic"].step()
+
+    new_actions, log_prob, _ = actor(obs)
+    alpha = log_alpha.exp().detach()
+    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
+    opts["actor"].zero_grad()
+    actor_loss.backward()
+    opts["actor"].step()
+    alpha_loss = -(log_alpha * (log_prob.detach() + nets["target_entropy"])).mean()
+    opts["alpha"].zero_grad()
+    alpha_loss.backward()
+    opts["alpha"].step()
+    soft_update(critic_target, critic, args.tau)
+    return {"losses/qf_loss": td_loss, "losses/cql_loss": conservative_loss, "losses/actor_loss": actor_loss,
+            "losses/alpha": alpha, "losses/qf_values": q_data.mean()}
+
+
+def td3bc_update(step, batch, nets, opts, args):
+    """TD3+BC: TD3's critic; actor maximises lambda * Q(s, pi(s)) - (pi(s) - a)^2 with lambda = alpha / mean|Q|."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic = nets["actor"], nets["critic"]
+    with torch.no_grad():
+        noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        next_actions = (nets["actor_target"](next_obs) + noise).clamp(-1.0, 1.0)
+        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    metrics = {"losses/qf_loss": td_loss, "losses/qf_values": q_data.mean()}
+    if step % args.policy_freq == 0:
+        policy_actions = actor(obs)
+        q_policy = critic(obs, policy_actions)[0]
+        lmbda = args.td3bc_alpha / q_policy.abs().mean().detach()
+        actor_loss = -lmbda * q_policy.mean() + F.mse_loss(policy_actions, actions)
+        opts["actor"].zero_grad()
+        actor_loss.backward()
+        opts["actor"].step()
+        soft_update(nets["actor_target"], actor, args.tau)
+        soft_update(nets["critic_target"], critic, args.tau)
+        metrics["losses/actor_loss"] = actor_loss
+    return metrics
+
+
+def awac_update(step, batch, nets, opts, args):
+    """AWAC: SAC-style critic with a' ~ pi(s'); actor = regression on dataset actions weighted by exp(A / lambda)."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic = nets["actor"], nets["critic"]
+    with torch.no_grad():
+        next_actions = actor.act(next_obs, deterministic=False)
+        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    with torch.no_grad():
+        value = critic(obs, actor.act(obs, deterministic=False)).min(0).values
+        advantage = q_data.detach().min(0).values - value
+        weights = torch.exp(advantage / args.awac_lambda).clamp(max=args.awac_max_weight)
+    actor_loss = -(actor.log_prob(obs, actions) * weights).mean()
+    opts["actor"].zero_grad()
+    actor_loss.backward()
+    opts["actor"].step()
+    soft_update(nets["critic_target"], critic, args.tau)
+    return {"losses/qf_loss": td_loss, "losses/actor_loss": actor_loss, "losses/qf_values": q_data.mean()}
+
+
+ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor}
+UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update}
+
+
+@torch.no_grad()
+def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_samples: int = 100_000) -> dict:
+    """What the elbo estimator needs: 1001 quantiles of the offline negative ELBO (sorted)."""
+    index = torch.randperm(obs.shape[0], device=obs.device)[:max_samples]
+    scores = torch.cat([negative_elbo(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
+    quantiles = torch.quantile(scores, torch.linspace(0, 1, 1001, device=scores.device))
+    return {"neg_elbo_quantiles": quantiles.cpu().contiguous()}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.total_steps < 1 or args.cvae_steps < 0 or args.batch_size < 1 or args.eval_episodes < 1:
+        fail("--total-steps, --batch-size and --eval-episodes must be positive and --cvae-steps not negative")
+    dataset_id = resolve_dataset(args.env_id, download=True)
+    print(f"dataset: {args.env_id} -> {dataset_id}")
+    data = load_dataset(dataset_id)
+    goal_task, dexterous_task = data["gym_id"].startswith("AntMaze"), data["gym_id"].startswith("Adroit")
+    args.actor_lr = args.actor_lr if args.actor_lr is not None else (1e-4 if args.algo == "cql" else 3e-4)
+    args.cql_alpha = args.cql_alpha if args.cql_alpha is not None else (10.0 if goal_task else 5.0)
+    args.awac_lambda = args.awac_lambda if args.awac_lambda is not None else (
+        0.1 if goal_task or dexterous_task else 1.0)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    args.latent_dim = args.latent_dim or 2 * act_dim
+    safe_env_id = args.env_id.replace("/", "-")
+    checkpoint_path = os.path.join(args.checkpoint_dir, f"{safe_env_id}__{args.algo}__{args.seed}.pt")
+    run_name = f"{safe_env_id}__{args.exp_name}_{args.algo}__{args.seed}__{int(time.time())}"
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    eval_env = make_env(data["gym_id"], data["gym_kwargs"], args.seed)
+    env_obs_dim = flatten_obs(eval_env.reset(seed=args.seed)[0]).shape[-1]
+    if env_obs_dim != obs_dim or eval_env.action_space.shape != (act_dim,):
+        fail(f"dataset {dataset_id} has {obs_dim}-dim states and {act_dim}-dim actions but {data['gym_id']} has "
+             f"{env_obs_dim} and {eval_env.action_space.shape}; the dataset records the wrong environment")
+
+    # states normalised with the dataset statistics; actions mapped to [-1, 1]; antmaze rewards shifted by -1
+    obs_mean = data["observations"].mean(0)
+    obs_std = data["observations"].std(0) + 1e-3
+    reward_scale, reward_bias = 1.0, (-1.0 if goal_task else 0.0)
+    low, high = data["action_low"], data["action_high"]
+    to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+    obs_t = to_tensor((data["observations"] - obs_mean) / obs_std)
+    next_obs_t = to_tensor((data["next_observations"] - obs_mean) / obs_std)
+    actions_t = to_tensor(np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1.0, 1.0))
+    rewards_t = to_tensor(data["rewards"] * reward_scale + reward_bias)
+    dones_t = to_tensor(data["terminals"])
+    num_transitions = obs_t.shape[0]
+    print(f"{num_transitions} transitions, obs dim {obs_dim}, action dim {act_dim}, env {data['gym_id']}")
+
+    hidden = list(args.hidden_dims)
+    actor = ACTORS[args.algo](obs_dim, act_dim, hidden).to(device)
+    critic = CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)
+    cvae = CVAE(obs_dim, act_dim, args.latent_dim, hidden).to(device)
+    nets = {"actor": actor, "critic": critic, "critic_target": CriticEnsemble(obs_dim, act_dim, hidden,
+                                                                               args.num_critics).to(device)}
+    nets["critic_target"].load_state_dict(critic.state_dict())
+    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
+            "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}
+    if args.algo == "cql":
+        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
+        nets["target_entropy"] = -float(act_dim)
+        opts["alpha"] = torch.optim.Adam([nets["log_alpha"]], lr=args.critic_lr)
+    if args.algo == "td3bc":
+        nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
+        nets["actor_target"].load_state_dict(actor.state_dict())
+    cvae_opt = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr)
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    hparams = {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+
+    def run_evaluation(step: int) -> float:
+        returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + 10_000,
+                                         device)
+        score = float(normalized_score(returns, data["ref_min_score"], data["ref_max_score"]).mean())
+        writer.add_scalar("eval/return", returns.mean(), step)
+        writer.add_scalar("eval/normalized_score", score, step)
+        if goal_task:
+            writer.add_scalar("eval/success", successes.mean(), step)
+        return score
+
+    total_steps = max(args.total_steps, args.cvae_steps)
+    start_time, last_print, score = time.time(), 0.0, float("nan")
+    step = 0
+    try:
+        for step in range(1, total_steps + 1):
+            index = torch.randint(0, num_transitions, (args.batch_size,), device=device)
+            batch = (obs_t[index], actions_t[index], rewards_t[index], next_obs_t[index], dones_t[index])
+            metrics = UPDATES[args.algo](step, batch, nets, opts, args) if step <= args.total_steps else {}
+            if step <= args.cvae_steps:
+                cvae_loss_value = cvae_loss(cvae, batch[0], batch[1])
+                cvae_opt.zero_grad()
+                cvae_loss_value.backward()
+                cvae_opt.step()
+                metrics["losses/cvae_loss"] = cvae_loss_value
+            if step % 1000 == 0 or step == total_steps:  # the only host syncs: logging steps
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value.item(), step)
+                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
+            if step % args.eval_freq == 0 or step == total_steps:
+                actor.eval()
+                score = run_evaluation(step)
+                actor.train()
+            if time.time() - last_print > 10 or step == total_steps:
+                last_print = time.time()
+                sps = step / (last_print - start_time)
+                print(f"step {step}/{total_steps} | {sps:.0f} steps/s | ETA {(total_steps - step) / sps / 60:.1f} min"
+                      f" | eval normalized score {score:.1f}", flush=True)
+    except KeyboardInterrupt:
+        writer.close()
+        raise SystemExit(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); "
+                         f"the TensorBoard log so far is in runs/{run_name}")
+
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "algo": args.algo, "env_id": args.env_id, "dataset_id": dataset_id,
+        "gym_id": data["gym_id"], "gym_kwargs": data["gym_kwargs"], "obs_dim": obs_dim, "act_dim": act_dim,
+        "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
+        "obs_mean": torch.as_tensor(obs_mean), "obs_std": torch.as_tensor(obs_std),
+        "reward_scale": reward_scale, "reward_bias": reward_bias,
+        "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+        "hidden_dims": hidden, "latent_dim": args.latent_dim,
+        "actor": {k: v.cpu() for k, v in actor.state_dict().items()},
+        "critic": {k: v.cpu() for k, v in critic.state_dict().items()},
+        "cvae": {k: v.cpu() for k, v in cvae.state_dict().items()},
+        "cvae_calibration": calibrate_cvae(cvae, obs_t, actions_t),
+        "offline_normalized_score": score,
+        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+    }
+    if args.algo == "cql":
+        checkpoint["log_alpha"] = nets["log_alpha"].detach().cpu()
+    save_checkpoint(checkpoint, checkpoint_path)
+    writer.close()
+    print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")

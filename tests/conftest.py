@@ -1,0 +1,75 @@
+"""Fixtures shared by the tests: a temporary Minari store with tiny datasets made here, and a script runner.
+
+Nothing is downloaded: every dataset is written with minari.create_dataset_from_buffers and read back through
+the scripts' real loading code.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER_REF = (-20.272305, 3234.3)  # D4RL's reference scores for hopper
+
+
+def state_to_action(obs: np.ndarray, act_dim: int) -> np.ndarray:
+    """A fixed deterministic function of the state, so dataset actions are fully predictable from states."""
+    weights = np.random.default_rng(123).normal(size=(obs.shape[-1], act_dim)) / np.sqrt(obs.shape[-1])
+    return np.tanh(2.0 * obs @ weights).astype(np.float32)
+
+
+def make_tiny_dataset(dataset_id: str, gym_id: str = "Hopper-v5", steps: int = 2000, max_episode_steps: int = 100,
+                      seed: int = 0, noise: float = 0.1, ref_scores=HOPPER_REF):
+    """Writes a small dataset with `steps` transitions into the current MINARI_DATASETS_PATH."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make(gym_id, max_episode_steps=max_episode_steps)
+    rng = np.random.default_rng(seed)
+    act_dim = env.action_space.shape[0]
+    buffers, total, episode = [], 0, 0
+    while total < steps:
+        obs, _ = env.reset(seed=seed * 10_000 + episode)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        while True:
+            action = state_to_action(obs, act_dim)
+            action = np.clip(action + noise * rng.standard_normal(act_dim), -1, 1).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            truncated = truncated or total + len(actions) + 1 >= steps
+            observations.append(obs), actions.append(action), rewards.append(reward)
+            terminations.append(terminated), truncations.append(truncated)
+            if terminated or truncated:
+                break
+        buffers.append(EpisodeBuffer(observations=np.asarray(observations), actions=np.asarray(actions),
+                                     rewards=np.asarray(rewards), terminations=np.asarray(terminations),
+                                     truncations=np.asarray(truncations)))
+        total += len(actions)
+        episode += 1
+    kwargs = {} if ref_scores is None else dict(ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
+    return minari.create_dataset_from_buffers(dataset_id, buffers, env=env.spec, algorithm_name="tests", **kwargs)
+
+
+@pytest.fixture(scope="session")
+def minari_store(tmp_path_factory):
+    """One temporary Minari store for the session, holding a tiny `local/hopper/medium-v0`."""
+    path = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    make_tiny_dataset("local/hopper/medium-v0")
+    yield path
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def run_script(script: str, *args, cwd, env_overrides=None, timeout=600) -> subprocess.CompletedProcess:
+    """Runs one of the project's scripts as a user would, in `cwd`, on the CPU with one thread per op."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(env_overrides or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
