@@ -1,0 +1,403 @@
+"""The benchmark suite: datasets, offline pretraining and online fine-tuning for env ids x algos x methods x seeds.
+
+    python benchmark/run_suite.py --preset quick --workers 2      # about an hour on 2 CPU cores
+    python benchmark/run_suite.py --preset paper --print-commands # one shell line per run, for a cluster launcher
+    python benchmark/report.py --runs-dir runs/quick               # the table and the curves
+
+A run is one process: `make_dataset.py` for a `local/...` dataset that is missing, `pretrain_offline.py` for
+each env id x algo x seed, and one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` for each of those
+checkpoints x method. A method is a coefficient mode (cvae, even, random, none) with the adaptive update on
+(`cvae`) or off (`cvae-static`); `none` (p = 0, plain fine-tuning) runs once, without the adaptive update,
+which could not change anything when p = 0.
+
+Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a dataset is
+done when its Minari directory exists, a pretraining run when its checkpoint exists (the script writes it only
+at the end), an online run when its directory `{runs_dir}/{run id}` holds a `DONE` file, which is written after
+the script exits with status 0. That directory is the script's `--run-dir`, so it also holds the run's
+TensorBoard log (in a subdirectory named after the run), next to a `suite.json` saying what the run is, by which
+benchmark/report.py groups the runs. Each run's output goes to `{runs_dir}/logs/{run id}.log`.
+"""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGOS = ("cql", "td3bc", "awac")
+COEF_MODES = ("cvae", "none", "even", "random")
+ONLINE_SCRIPTS = {"cql": "samg_sac.py", "td3bc": "samg_td3.py", "awac": "samg_awac.py"}
+# Gymnasium ids of the environments whose datasets make_dataset.py generates (`local/{env}/{quality}-v0`)
+LOCAL_GYM_IDS = {
+    "pendulum": "Pendulum-v1",
+    "invertedpendulum": "InvertedPendulum-v5",
+    "inverteddoublependulum": "InvertedDoublePendulum-v5",
+    "hopper": "Hopper-v5",
+    "halfcheetah": "HalfCheetah-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a suite runs; a field left at None is not passed, so the script's own default applies."""
+
+    env_ids: Tuple[str, ...]
+    algos: Tuple[str, ...] = ALGOS
+    coef_modes: Tuple[str, ...] = COEF_MODES
+    variants: Tuple[str, ...] = ("adaptive", "static")
+    seeds: Tuple[int, ...] = (1, 2, 3, 4, 5)
+    dataset_args: Tuple[str, ...] = ()
+    """extra make_dataset.py flags"""
+    pretrain_args: Tuple[str, ...] = ()
+    """extra pretrain_offline.py flags (the online scripts take network sizes from the checkpoint)"""
+    online_args: Tuple[str, ...] = ()
+    """extra flags of the online scripts"""
+    offline_steps: Optional[int] = None
+    cvae_steps: Optional[int] = None
+    offline_eval_freq: Optional[int] = None
+    online_steps: Optional[int] = None
+    learning_starts: Optional[int] = None
+    online_eval_freq: Optional[int] = None
+    eval_episodes: Optional[int] = None
+
+
+PRESETS: Dict[str, Preset] = {
+    # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, 64x64 networks
+    # (CQL's 30 sampled actions per state make 256x256 too slow for a CPU): 1 dataset run, 18 pretraining runs
+    # and 36 online runs, about 50 minutes with --workers 2 on 2 CPU cores.
+    "quick": Preset(
+        env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"), coef_modes=("cvae", "none"),
+        variants=("adaptive",), seeds=(1, 2, 3),
+        dataset_args=("--sac-steps", "15000", "--learning-starts", "1000", "--eval-freq", "500", "--eval-episodes", "5",
+                      "--transitions", "50000", "--hidden-dims", "64", "64"),
+        pretrain_args=("--hidden-dims", "64", "64"), offline_steps=10_000, cvae_steps=10_000,
+        offline_eval_freq=5_000, online_steps=10_000, learning_starts=500, online_eval_freq=250, eval_episodes=5,
+    ),
+    # Hopper-v5 from locally generated datasets, with budgets a CPU can carry (a day or two with 2 workers).
+    "hopper-cpu": Preset(
+        env_ids=("local/hopper/medium-v0", "local/hopper/medium-replay-v0"), seeds=(1, 2, 3),
+        offline_steps=100_000, cvae_steps=50_000, offline_eval_freq=10_000,
+        online_steps=50_000, learning_starts=5_000, online_eval_freq=2_500, eval_episodes=5,
+    ),
+    # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds.
+    "paper": Preset(
+        env_ids=tuple(f"{env}-{quality}-v2" for env in ("hopper", "halfcheetah", "walker2d")
+                      for quality in ("medium", "medium-replay", "medium-expert")),
+        offline_steps=1_000_000, online_steps=250_000,
+    ),
+}
+
+
+@dataclass
+class Args:
+    preset: Literal["quick", "hopper-cpu", "paper"] = "quick"
+    """which suite to run; the flags below override its parts"""
+    env_ids: Optional[Tuple[str, ...]] = None
+    """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
+    algos: Optional[Tuple[Literal["cql", "td3bc", "awac"], ...]] = None
+    """offline algorithms; each is fine-tuned by its own script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py)"""
+    coef_modes: Optional[Tuple[Literal["cvae", "none", "even", "random"], ...]] = None
+    """coefficient modes p(s, a) of the online runs"""
+    variants: Optional[Tuple[Literal["adaptive", "static"], ...]] = None
+    """with the adaptive update (`--adaptive`), without it (`--no-adaptive`), or both"""
+    seeds: Optional[Tuple[int, ...]] = None
+    """seeds; each pretraining seed is fine-tuned with the same seed"""
+    offline_steps: Optional[int] = None
+    """pretrain_offline.py --total-steps"""
+    cvae_steps: Optional[int] = None
+    """pretrain_offline.py --cvae-steps"""
+    online_steps: Optional[int] = None
+    """--total-timesteps of the online runs"""
+    learning_starts: Optional[int] = None
+    """--learning-starts of the online runs"""
+    online_eval_freq: Optional[int] = None
+    """--eval-freq of the online runs (the dip needs evaluations within the first 10% of the steps)"""
+    eval_episodes: Optional[int] = None
+    """--eval-episodes of pretraining and online runs"""
+    workers: int = 2
+    """runs at the same time"""
+    threads: int = 1
+    """OMP/MKL threads per run (workers x threads should not exceed the CPU cores)"""
+    runs_dir: Optional[str] = None
+    """online runs and logs go here (default: runs/{preset})"""
+    checkpoint_dir: Optional[str] = None
+    """checkpoints go here (default: checkpoints/{preset})"""
+    print_commands: bool = False
+    """print one shell line per run still to do, in dependency order, and exit"""
+    dry_run: bool = False
+    """list the runs with their state (done / to do) and exit"""
+
+
+@dataclass
+class Run:
+    """One process of the suite: its command, the runs it needs first, and how to tell it is done."""
+
+    id: str
+    stage: Literal["dataset", "pretrain", "online"]
+    command: List[str]
+    deps: List[str]
+    outputs: List[Path]
+    """all must exist for the run to count as done"""
+    run_dir: Optional[Path] = None
+    meta: dict = field(default_factory=dict)
+
+    def is_done(self) -> bool:
+        return all(path.exists() for path in self.outputs)
+
+
+def safe_name(env_id: str) -> str:
+    return env_id.replace("/", "-")
+
+
+def minari_root() -> Path:
+    """Where Minari keeps datasets (its own rule: $MINARI_DATASETS_PATH, else ~/.minari/datasets)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def script(name: str) -> str:
+    """Path of a project script as the user would type it from the current directory."""
+    path = ROOT / name
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def flags(**values) -> List[str]:
+    """`--name value` for each value that is set; None leaves the script's default."""
+    out = []
+    for name, value in values.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+# --- the command builders: the only place that knows the scripts' flags ---
+def dataset_command(env: str, qualities: List[str], preset: Preset) -> List[str]:
+    return ["python", script("make_dataset.py"), "--gym-id", LOCAL_GYM_IDS[env], "--qualities", *qualities,
+            *preset.dataset_args]
+
+
+def pretrain_command(env_id: str, algo: str, seed: int, preset: Preset, checkpoint_dir: str) -> List[str]:
+    return ["python", script("pretrain_offline.py"), "--env-id", env_id, "--algo", algo, "--seed", str(seed),
+            *flags(total_steps=preset.offline_steps, cvae_steps=preset.cvae_steps,
+                   eval_freq=preset.offline_eval_freq, eval_episodes=preset.eval_episodes),
+            "--checkpoint-dir", checkpoint_dir, *preset.pretrain_args]
+
+
+def online_command(env_id: str, algo: str, coef_mode: str, adaptive: bool, seed: int, checkpoint: Path,
+                   run_dir: Path, preset: Preset) -> List[str]:
+    return ["python", script(ONLINE_SCRIPTS[algo]), "--env-id", env_id, "--checkpoint", str(checkpoint),
+            "--seed", str(seed), "--coef-mode", coef_mode, "--adaptive" if adaptive else "--no-adaptive",
+            *flags(total_timesteps=preset.online_steps, learning_starts=preset.learning_starts,
+                   eval_freq=preset.online_eval_freq, eval_episodes=preset.eval_episodes),
+            "--run-dir", str(run_dir), *preset.online_args]
+
+
+def method_name(coef_mode: str, adaptive: bool) -> str:
+    return coef_mode if adaptive or coef_mode == "none" else f"{coef_mode}-static"
+
+
+def local_dataset(env_id: str) -> Optional[Tuple[str, str]]:
+    """(env, quality) of a `local/{env}/{quality}-v0` id that make_dataset.py can generate, else None."""
+    parts = env_id.split("/")
+    if len(parts) == 3 and parts[0] == "local" and parts[1] in LOCAL_GYM_IDS and parts[2].endswith("-v0"):
+        return parts[1], parts[2][: -len("-v0")]
+    return None
+
+
+def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -> List[Run]:
+    """Every run of the suite, in dependency order: datasets, then pretraining, then online runs."""
+    runs: List[Run] = []
+    qualities: Dict[str, List[str]] = {}
+    for env_id in preset.env_ids:
+        if (parsed := local_dataset(env_id)) is not None:
+            qualities.setdefault(parsed[0], [])
+            if parsed[1] not in qualities[parsed[0]]:
+                qualities[parsed[0]].append(parsed[1])
+    for env, env_qualities in qualities.items():
+        outputs = [minari_root() / "local" / env / f"{quality}-v0" / "data" for quality in env_qualities]
+        runs.append(Run(f"dataset__{env}", "dataset", dataset_command(env, env_qualities, preset), [], outputs))
+
+    for env_id in preset.env_ids:
+        parsed = local_dataset(env_id)
+        dataset_deps = [f"dataset__{parsed[0]}"] if parsed else []
+        for algo in preset.algos:
+            for seed in preset.seeds:
+                checkpoint = Path(checkpoint_dir) / f"{safe_name(env_id)}__{algo}__{seed}.pt"
+                runs.append(Run(f"{safe_name(env_id)}__{algo}__{seed}", "pretrain",
+                                pretrain_command(env_id, algo, seed, preset, checkpoint_dir), dataset_deps,
+                                [checkpoint]))
+
+    for env_id in preset.env_ids:
+        for algo in preset.algos:
+            for coef_mode in preset.coef_modes:
+                variants = [False] if coef_mode == "none" else [v == "adaptive" for v in preset.variants]
+                for adaptive in variants:
+                    method = method_name(coef_mode, adaptive)
+                    for seed in preset.seeds:
+                        run_id = f"{safe_name(env_id)}__{algo}__{method}__{seed}"
+                        run_dir = Path(runs_dir) / run_id
+                        checkpoint = Path(checkpoint_dir) / f"{safe_name(env_id)}__{algo}__{seed}.pt"
+                        command = online_command(env_id, algo, coef_mode, adaptive, seed, checkpoint, run_dir, preset)
+                        meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
+                                "coef_mode": coef_mode, "adaptive": adaptive, "seed": seed,
+                                "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint),
+                                "command": shlex.join(command)}
+                        runs.append(Run(run_id, "online", command, [f"{safe_name(env_id)}__{algo}__{seed}"],
+                                        [run_dir / "DONE"], run_dir, meta))
+    return runs
+
+
+def shell_line(run: Run) -> str:
+    """The run as one shell line; an online run also writes its suite.json first and its DONE file after."""
+    line = shlex.join(run.command)
+    if run.stage != "online":
+        return line
+    meta_path, done_path = shlex.quote(str(run.run_dir / "suite.json")), shlex.quote(str(run.run_dir / "DONE"))
+    return (f"mkdir -p {shlex.quote(str(run.run_dir))} && printf '%s\\n' {shlex.quote(json.dumps(run.meta))} "
+            f"> {meta_path} && {line} && touch {done_path}")
+
+
+# --- running the suite ---
+def prepare_online_dir(run: Run):
+    """A fresh start: an earlier, unfinished attempt's logs are removed; suite.json says what the run is."""
+    if run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "suite.json").write_text(json.dumps(run.meta, indent=1) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[Tuple[Run, str]]:
+    """Runs every run not yet done, at most `workers` at a time, each once its dependencies succeeded.
+    Returns the runs that failed or could not start, with the reason."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    state = {run.id: ("done" if run.is_done() else "todo") for run in runs}
+    pending = [run for run in runs if state[run.id] == "todo"]
+    total, finished, failures = len(pending), 0, []
+    durations: Dict[str, List[float]] = {}
+    running: Dict[str, Tuple[Run, subprocess.Popen, float, object]] = {}
+    print(f"{total} runs to do, {len(runs) - total} already done; {workers} workers x {threads} thread(s); "
+          f"logs in {log_dir}", flush=True)
+
+    def eta() -> str:
+        observed = [d for ds in durations.values() for d in ds]
+        if not observed:
+            return "ETA after the first run"
+        mean = lambda stage: sum(durations[stage]) / len(durations[stage]) if stage in durations else \
+            sum(observed) / len(observed)  # noqa: E731
+        left = sum(mean(run.stage) for run in pending) + sum(
+            max(mean(run.stage) - (time.time() - start), 0.0) for run, _, start, _ in running.values())
+        return f"ETA {format_duration(left / workers)}"
+
+    try:
+        while pending or running:
+            for run in list(pending):
+                if len(running) >= workers:
+                    break
+                failed_deps = [d for d in run.deps if state[d] == "failed"]
+                if failed_deps:
+                    pending.remove(run)
+                    state[run.id], finished = "failed", finished + 1
+                    failures.append((run, f"not started: {failed_deps[0]} failed"))
+                elif all(state[d] == "done" for d in run.deps):
+                    pending.remove(run)
+                    if run.stage == "online":
+                        prepare_online_dir(run)
+                    log = open(log_dir / f"{run.id}.log", "w")
+                    log.write(shlex.join(run.command) + "\n\n")
+                    log.flush()
+                    command = [sys.executable if part == "python" else part for part in run.command]
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    running[run.id] = (run, process, time.time(), log)
+                    state[run.id] = "running"
+                    print(f"[{finished}/{total}] start  {run.stage:8s} {run.id}", flush=True)
+            time.sleep(0.2)
+            for run_id, (run, process, start, log) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[run_id]
+                finished += 1
+                elapsed = time.time() - start
+                if process.returncode == 0 and (run.stage == "online" or run.is_done()):
+                    if run.stage == "online":
+                        (run.run_dir / "DONE").write_text(f"exit 0 after {elapsed:.0f} s\n")
+                    state[run_id] = "done"
+                    durations.setdefault(run.stage, []).append(elapsed)
+                    print(f"[{finished}/{total}] done   {run.stage:8s} {run_id} in {format_duration(elapsed)} | "
+                          f"{eta()}", flush=True)
+                else:
+                    state[run_id] = "failed"
+                    reason = (f"exit status {process.returncode}" if process.returncode else
+                              f"exit 0 but {run.outputs[0]} is missing")
+                    failures.append((run, reason))
+                    print(f"[{finished}/{total}] FAILED {run.stage:8s} {run_id} ({reason}); "
+                          f"see {log_dir / f'{run_id}.log'}", flush=True)
+    except KeyboardInterrupt:
+        for run, process, _, log in running.values():
+            process.terminate()
+            process.wait()
+            log.close()
+        raise SystemExit("interrupted; start the same command again to resume (finished runs are skipped)")
+    return failures
+
+
+def resolve(args: Args) -> Tuple[Preset, str, str]:
+    """The preset with the command-line overrides applied, and the output directories."""
+    preset = PRESETS[args.preset]
+    overrides = {name: getattr(args, name) for name in ("env_ids", "algos", "coef_modes", "variants", "seeds",
+                                                        "offline_steps", "cvae_steps", "online_steps",
+                                                        "learning_starts", "online_eval_freq", "eval_episodes")}
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if not (preset.env_ids and preset.algos and preset.coef_modes and preset.variants and preset.seeds):
+        raise SystemExit("error: --env-ids, --algos, --coef-modes, --variants and --seeds must not be empty")
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit("error: --workers and --threads must be at least 1")
+    for env_id in preset.env_ids:
+        if env_id.startswith("local/") and local_dataset(env_id) is None:
+            raise SystemExit(f"error: {env_id} is not a dataset make_dataset.py can generate; use "
+                             f"local/{{env}}/{{quality}}-v0 with env in {', '.join(LOCAL_GYM_IDS)}")
+    runs_dir = args.runs_dir or os.path.join("runs", args.preset)
+    checkpoint_dir = args.checkpoint_dir or os.path.join("checkpoints", args.preset)
+    return preset, runs_dir, checkpoint_dir
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    preset, runs_dir, checkpoint_dir = resolve(args)
+    runs = plan(args.preset, preset, runs_dir, checkpoint_dir)
+    if args.print_commands:
+        todo = [run for run in runs if not run.is_done()]
+        print(f"# {len(todo)} runs to do ({len(runs) - len(todo)} done); each line after the lines it needs",
+              file=sys.stderr)
+        print("\n".join(shell_line(run) for run in todo))
+        raise SystemExit(0)
+    if args.dry_run:
+        for run in runs:
+            print(f"{'done' if run.is_done() else 'todo':4s}  {run.stage:8s}  {shlex.join(run.command)}")
+        raise SystemExit(0)
+    started = time.time()
+    failures = execute(runs, args.workers, args.threads, Path(runs_dir) / "logs")
+    print(f"suite finished in {format_duration(time.time() - started)}")
+    if failures:
+        print(f"{len(failures)} run(s) failed:")
+        for run, reason in failures:
+            print(f"  {run.id}: {reason}; log: {Path(runs_dir) / 'logs' / f'{run.id}.log'}")
+        raise SystemExit(1)
+    print(f"all runs done; the report: python {script('benchmark/report.py')} --runs-dir {runs_dir}")

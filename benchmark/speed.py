@@ -1,0 +1,319 @@
+"""Updates per second of the scripts' own update code, side by side in one process, against a straightforward
+PyTorch SAC update (two separate nn.Sequential critics, default Adam): the reference every ratio is taken against.
+
+    python benchmark/speed.py                          # every device present (CPU, and CUDA where there is one)
+    python benchmark/speed.py --devices cpu --seconds 3 --rounds 5 --threads 2
+
+Measured: samg_sac / samg_td3 / samg_awac, one full update (critic, adaptive C-VAE step, actor, targets) with
+--coef-mode cvae (adaptive, the default) and --coef-mode none (no Q_off, no C-VAE work), sampled from the
+scripts' own replay buffer; and one pretraining step per offline algorithm (its update plus the C-VAE step).
+Candidates take turns for `--rounds` rounds of `--seconds` each, so a machine shared with other work slows them
+alike; the table gives the median over rounds. Networks are random: speed does not depend on the weights.
+"""
+import importlib.util
+import itertools
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    devices: Tuple[str, ...] = ()
+    """devices to measure on (default: cpu, and cuda when available)"""
+    seconds: float = 2.0
+    """length of one timed window per candidate and round"""
+    rounds: int = 5
+    """rounds; candidates take turns within each round"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    obs_dim: int = 11
+    """observation size (11: hopper)"""
+    act_dim: int = 3
+    """action size (3: hopper)"""
+    batch_size: int = 256
+    """minibatch size"""
+    hidden: int = 256
+    """width of the two hidden layers"""
+    pretrain: bool = True
+    """also measure pretraining steps"""
+
+
+def load_script(name: str):
+    """Imports a script as a module; its `if __name__ == "__main__":` part does not run."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile and dataclasses look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the reference: SAC as one would first write it in PyTorch ---
+class PlainActor(nn.Module):
+    def __init__(self, obs_dim, act_dim, hidden):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
+
+    def forward(self, obs):
+        hidden = self.trunk(obs)
+        mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
+        normal = torch.distributions.Normal(mean, log_std.exp())
+        pre_tanh = normal.rsample()
+        action = torch.tanh(pre_tanh)
+        log_prob = (normal.log_prob(pre_tanh) - torch.log(1.0 - action.pow(2) + 1e-6)).sum(-1)
+        return action, log_prob
+
+
+def plain_sac_step(a: Args, device):
+    obs_dim, act_dim, hidden = a.obs_dim, a.act_dim, a.hidden
+
+    def critic():
+        return nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, 1)).to(device)
+
+    qf1, qf2, qf1_target, qf2_target = critic(), critic(), critic(), critic()
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    actor = PlainActor(obs_dim, act_dim, hidden).to(device)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=3e-4)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    log_alpha = torch.zeros(1, requires_grad=True, device=device)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=3e-4)
+    size = 100_000
+    data = {"obs": torch.randn(size, obs_dim, device=device), "actions": torch.rand(size, act_dim, device=device) * 2 - 1,
+            "rewards": torch.randn(size, device=device), "next_obs": torch.randn(size, obs_dim, device=device),
+            "dones": torch.zeros(size, device=device)}
+
+    def step():
+        index = torch.randint(size, (a.batch_size,), device=device)
+        obs, actions, rewards, next_obs, dones = (data[k][index] for k in data)
+        alpha = log_alpha.exp().item()
+        with torch.no_grad():
+            next_actions, next_log_prob = actor(next_obs)
+            next_input = torch.cat([next_obs, next_actions], 1)
+            min_next = torch.min(qf1_target(next_input), qf2_target(next_input)).view(-1) - alpha * next_log_prob
+            target = rewards + 0.99 * (1 - dones) * min_next
+        data_input = torch.cat([obs, actions], 1)
+        qf_loss = F.mse_loss(qf1(data_input).view(-1), target) + F.mse_loss(qf2(data_input).view(-1), target)
+        q_optimizer.zero_grad()
+        qf_loss.backward()
+        q_optimizer.step()
+        new_actions, log_prob = actor(obs)
+        policy_input = torch.cat([obs, new_actions], 1)
+        actor_loss = (alpha * log_prob - torch.min(qf1(policy_input), qf2(policy_input)).view(-1)).mean()
+        actor_optimizer.zero_grad()
+        actor_loss.backward()
+        actor_optimizer.step()
+        with torch.no_grad():
+            _, log_prob = actor(obs)
+        alpha_loss = (-log_alpha.exp() * (log_prob + (-act_dim))).mean()
+        alpha_optimizer.zero_grad()
+        alpha_loss.backward()
+        alpha_optimizer.step()
+        for param, target_param in zip(list(qf1.parameters()) + list(qf2.parameters()),
+                                       list(qf1_target.parameters()) + list(qf2_target.parameters())):
+            target_param.data.copy_(0.005 * param.data + 0.995 * target_param.data)
+
+    return step
+
+
+# --- the scripts' own updates, called as their training loops call them ---
+def online_parts(module, a: Args, device, coef_mode: str):
+    """What every online script builds: args, critics (through its build_critics), C-VAE, replay buffer."""
+    args = module.Args(coef_mode=coef_mode, batch_size=a.batch_size)
+    hidden_dims = [a.hidden, a.hidden]
+    synthetic = {"critic": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).state_dict(),
+                 "obs_dim": a.obs_dim, "act_dim": a.act_dim, "hidden_dims": hidden_dims}
+    critic, critic_target, q_offline = module.build_critics(synthetic, None, "random weights", device)
+    cvae = module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim, hidden_dims).to(device)
+    quantiles = torch.linspace(0.0, 10.0, 1001, device=device)
+    replay = module.ReplayBuffer(100_000, a.obs_dim, a.act_dim, device)
+    replay.rows.normal_()
+    replay.rows[:, -1] = 0.0
+    replay.size = len(replay.rows)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)  # noqa: E731, as the scripts make them
+    parts = dict(args=args, critic=critic, critic_target=critic_target, q_offline=q_offline, cvae=cvae,
+                 quantiles=quantiles, replay=replay, critic_optimizer=adam(critic.parameters(), args.critic_lr),
+                 cvae_optimizer=adam(cvae.parameters(), args.cvae_lr), adam=adam, hidden_dims=hidden_dims,
+                 critic_metrics=module.MetricMeans(module.CRITIC_METRICS),
+                 actor_metrics=module.MetricMeans(module.ACTOR_METRICS), cvae_metrics=module.MetricMeans(("cvae",)),
+                 learn_cvae=args.adaptive and coef_mode == "cvae", counter=itertools.count())
+    return parts
+
+
+def cvae_step(module, p, batch, td_error, num_updates):
+    args = p["args"]
+    if p["learn_cvae"] and num_updates % args.cvae_update_every == 0:
+        p["cvae_metrics"].add(module.update_cvae_on_mastered(p["cvae"], p["cvae_optimizer"], batch[0], batch[1],
+                                                             td_error, args.mastered_quantile))
+
+
+def samg_sac_step(module, a: Args, device, coef_mode: str):
+    p = online_parts(module, a, device, coef_mode)
+    args = p["args"]
+    actor = module.TanhGaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
+    log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
+    actor_optimizer, alpha_optimizer = p["adam"](actor.parameters(), args.actor_lr), p["adam"]([log_alpha], 3e-4)
+    target_params, online_params = list(p["critic_target"].parameters()), list(p["critic"].parameters())
+
+    def step():
+        num_updates = next(p["counter"])
+        batch = p["replay"].sample(args.batch_size)
+        metrics, td_error = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
+                                                 p["cvae"], p["quantiles"], log_alpha, p["critic_optimizer"], args)
+        p["critic_metrics"].add(metrics)
+        cvae_step(module, p, batch, td_error, num_updates)
+        p["actor_metrics"].add(module.update_actor(batch[0], actor, p["critic"], log_alpha, actor_optimizer,
+                                                   alpha_optimizer, -float(a.act_dim)))
+        module.soft_update(target_params, online_params, args.tau)
+
+    return step
+
+
+def samg_td3_step(module, a: Args, device, coef_mode: str):
+    p = online_parts(module, a, device, coef_mode)
+    args = p["args"]
+    actor = module.DeterministicActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
+    actor_target = module.DeterministicActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device).requires_grad_(False)
+    actor_optimizer = p["adam"](actor.parameters(), args.actor_lr)
+    target_params = [*p["critic_target"].parameters(), *actor_target.parameters()]
+    online_params = [*p["critic"].parameters(), *actor.parameters()]
+
+    def step():
+        num_updates = next(p["counter"])
+        batch = p["replay"].sample(args.batch_size)
+        metrics, td_error = module.update_critic(batch, actor_target, p["critic"], p["critic_target"], p["q_offline"],
+                                                 p["cvae"], p["quantiles"], p["critic_optimizer"], args)
+        p["critic_metrics"].add(metrics)
+        cvae_step(module, p, batch, td_error, num_updates)
+        if num_updates % args.policy_freq == 0:
+            p["actor_metrics"].add(module.update_actor(batch[0], actor, p["critic"], actor_optimizer))
+            module.soft_update(target_params, online_params, args.tau)
+
+    return step
+
+
+def samg_awac_step(module, a: Args, device, coef_mode: str):
+    p = online_parts(module, a, device, coef_mode)
+    args = p["args"]
+    actor = module.GaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
+    actor_optimizer = p["adam"](actor.parameters(), args.actor_lr)
+    target_params, online_params = list(p["critic_target"].parameters()), list(p["critic"].parameters())
+
+    def step():
+        num_updates = next(p["counter"])
+        batch = p["replay"].sample(args.batch_size)
+        metrics, td_error = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
+                                                 p["cvae"], p["quantiles"], p["critic_optimizer"], args)
+        p["critic_metrics"].add(metrics)
+        cvae_step(module, p, batch, td_error, num_updates)
+        p["actor_metrics"].add(module.update_actor(batch[0], batch[1], actor, p["critic"], actor_optimizer, 1.0,
+                                                   args.awac_max_weight))
+        module.soft_update(target_params, online_params, args.tau)
+
+    return step
+
+
+def pretrain_step(module, a: Args, device, algo: str):
+    """One offline step of pretrain_offline.py: the algorithm's update and the C-VAE step, as its loop runs them."""
+    args = module.Args(algo=algo, batch_size=a.batch_size, hidden_dims=(a.hidden, a.hidden))
+    args.actor_lr, args.cql_alpha, args.awac_lambda = (1e-4 if algo == "cql" else 3e-4), 5.0, 1.0
+    hidden = [a.hidden, a.hidden]
+    actor = module.ACTORS[algo](a.obs_dim, a.act_dim, hidden).to(device)
+    critic = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)
+    nets = {"actor": actor, "critic": critic,
+            "critic_target": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)}
+    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
+            "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}
+    if algo == "cql":
+        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
+        nets["target_entropy"] = -float(a.act_dim)
+        opts["alpha"] = torch.optim.Adam([nets["log_alpha"]], lr=args.critic_lr)
+    if algo == "td3bc":
+        nets["actor_target"] = module.DeterministicActor(a.obs_dim, a.act_dim, hidden).to(device)
+    cvae = module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim, hidden).to(device)
+    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr)
+    size = 100_000
+    data = (torch.randn(size, a.obs_dim, device=device), torch.rand(size, a.act_dim, device=device) * 2 - 1,
+            torch.randn(size, device=device), torch.randn(size, a.obs_dim, device=device),
+            torch.zeros(size, device=device))
+    counter = itertools.count(1)
+
+    def step():
+        index = torch.randint(size, (a.batch_size,), device=device)
+        batch = tuple(x[index] for x in data)
+        module.UPDATES[algo](next(counter), batch, nets, opts, args)
+        loss = module.cvae_loss(cvae, batch[0], batch[1])
+        cvae_optimizer.zero_grad()
+        loss.backward()
+        cvae_optimizer.step()
+
+    return step
+
+
+def updates_per_second(step, seconds: float, device) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start, count = time.perf_counter(), 0
+    while True:
+        step()
+        count += 1
+        if count % 5 == 0:
+            synchronize()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return count / elapsed
+
+
+def measure(a: Args, device: torch.device):
+    torch.manual_seed(0)
+    candidates = {"plain PyTorch SAC (reference)": plain_sac_step(a, device)}
+    scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step}
+    for name, make_step in scripts.items():
+        module = load_script(name)
+        for coef_mode in ("cvae", "none"):
+            candidates[f"{name}.py --coef-mode {coef_mode}"] = make_step(module, a, device, coef_mode)
+    if a.pretrain:
+        module = load_script("pretrain_offline")
+        for algo in ("cql", "td3bc", "awac"):
+            candidates[f"pretrain_offline.py --algo {algo} (+ C-VAE step)"] = pretrain_step(module, a, device, algo)
+    for step in candidates.values():  # warm-up: allocator, caches, CUDA kernels
+        for _ in range(10):
+            step()
+    rates = {name: [] for name in candidates}
+    for round_index in range(a.rounds):
+        for name, step in candidates.items():
+            rates[name].append(updates_per_second(step, a.seconds, device))
+        print(f"round {round_index + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+if __name__ == "__main__":
+    a = tyro.cli(Args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    devices = a.devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    print(f"batch {a.batch_size}, hidden {a.hidden}x{a.hidden}, obs {a.obs_dim}, actions {a.act_dim}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {a.rounds} rounds x "
+          f"{a.seconds:g} s\n")
+    for device_name in devices:
+        device = torch.device(device_name)
+        rates = measure(a, device)
+        reference = rates["plain PyTorch SAC (reference)"]
+        title = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"| update ({title}) | updates/s | vs plain SAC |\n| --- | ---: | ---: |")
+        for name, rate in rates.items():
+            print(f"| {name} | {rate:.0f} | {rate / reference:.2f}x |")
+        print()

@@ -1,0 +1,707 @@
+"""SAMG online fine-tuning of an AWAC checkpoint with AWAC, using only online data.
+
+    python pretrain_offline.py --env-id hopper-medium-v2 --algo awac
+    python samg_awac.py --env-id hopper-medium-v2
+
+The critic's Bellman target mixes the online target critic with the frozen offline critic Q_off through a
+state-action coefficient p(s, a) from the offline C-VAE (`samg_coefficient`, `guided_target`, called in
+`awac_target`). The offline dataset is never read: everything comes from the checkpoint.
+"""
+import dataclasses
+import importlib.util
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+OFFLINE_ALGO = "awac"  # the `pretrain_offline.py --algo` whose checkpoint this script fine-tunes
+
+
+# --- shared: online arguments ---
+@dataclass
+class OnlineArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    env_id: str = "hopper-medium-v2"
+    """the dataset id the checkpoint was pretrained on (it names the default checkpoint)"""
+    seed: int = 1
+    """seed of the experiment; also picks the checkpoint"""
+    checkpoint: Optional[str] = None
+    """offline checkpoint (default: checkpoints/{env_id, / as -}__{algo}__{seed}.pt)"""
+    gym_id: Optional[str] = None
+    """Gymnasium id to fine-tune on instead of the checkpoint's own (its spaces must match the checkpoint)"""
+    total_timesteps: int = 250_000
+    """online environment steps"""
+    learning_starts: int = 5000
+    """steps collected with the pretrained policy before the first update"""
+    utd: int = 1
+    """updates per environment step (update-to-data ratio)"""
+    batch_size: int = 256
+    """minibatch size"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network smoothing coefficient"""
+    num_critics: Optional[int] = None
+    """Q-functions in the ensemble (default: the checkpoint's; extra members repeat the checkpoint's in turn)"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    actor_lr: float = 3e-4
+    """actor learning rate"""
+    coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
+    """p(s, a): cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    p_estimator: Literal["latent", "elbo"] = "latent"
+    """p_vae from the C-VAE: latent (prior tail mass at the encoder mean) or elbo (rank among offline ELBOs)"""
+    p_threshold: float = 0.2
+    """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
+    adaptive: bool = True
+    """the C-VAE learns on mastered samples and Q_off is refreshed from the online critic (no: both frozen)"""
+    mastered_quantile: float = 0.5
+    """share of each batch, lowest |TD error| first, that counts as mastered"""
+    cvae_update_every: int = 1
+    """adaptive: one C-VAE step on the mastered samples every this many updates"""
+    cvae_lr: float = 1e-3
+    """adaptive: C-VAE learning rate"""
+    qoff_refresh_every: int = 50_000
+    """adaptive: copy the online critic into Q_off every this many environment steps"""
+    eval_freq: int = 5000
+    """evaluate the deterministic policy at step 0 and every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_freq: int = 1000
+    """losses are averaged over, and written every, this many steps"""
+    save_model: bool = False
+    """write {run_dir}/{run_name}/model.pt, reloadable like the offline checkpoint"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to videos/{run_name}"""
+    track: bool = False
+    """log to Weights and Biases too"""
+    wandb_project_name: str = "samg"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    run_dir: str = "runs"
+    """TensorBoard logs and saved models go to {run_dir}/{run_name}"""
+    compile: bool = False
+    """wrap the update functions in torch.compile"""
+    cudagraphs: bool = False
+    """on CUDA, compile the updates with CUDA graphs (torch.compile mode reduce-overhead)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+# --- end shared ---
+
+
+@dataclass
+class Args(OnlineArgs):
+    awac_lambda: Optional[float] = None
+    """temperature lambda in exp(A / lambda) (default: the one the checkpoint was pretrained with)"""
+    awac_max_weight: float = 100.0
+    """clip of the advantage weights"""
+
+
+# --- shared: environment ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flatten_obs(obs):
+    """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
+    is in achieved_goal, so leaving it out would blind the policy."""
+    if isinstance(obs, dict):
+        return np.concatenate([obs["observation"], obs["achieved_goal"], obs["desired_goal"]], axis=-1)
+    return obs
+
+
+def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str] = None):
+    if gym_id not in gym.registry:
+        import gymnasium_robotics  # registers AntMaze and Adroit, which only these tasks need
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(gym_id, render_mode=render_mode, **gym_kwargs)
+    env.action_space.seed(seed)
+    return env
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The networks act in [-1, 1]; the environment gets [low, high]."""
+    return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+# --- end shared ---
+
+
+# --- shared: networks ---
+def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    if output_activation is not None:
+        layers.append(output_activation)
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers as one batched matmul: [n, batch, in] -> [n, batch, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, member by member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """N Q-functions evaluated in one call: forward(obs [B, o], action [B, a]) -> Q values [N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, num_critics: int):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims]
+        layers = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU()]
+        layers.append(VectorizedLinear(dims[-1], 1, num_critics))
+        self.net = nn.Sequential(*layers)
+        self.num_critics = num_critics
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+# --- end shared ---
+
+
+# --- shared: Gaussian actor ---
+class GaussianActor(nn.Module):
+    """AWAC policy: N(tanh(f(s)), std) with a state-independent log-std clamped to [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self.net(obs), self.log_std.clamp(-5.0, 2.0)
+        return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        mean = self.net(obs)
+        if deterministic:
+            return mean
+        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+# --- end shared ---
+
+
+# --- shared: C-VAE and p(s,a) ---
+class CVAE(nn.Module):
+    """Conditional VAE of actions given states: encoder (s, a) -> N(mu, sigma) in R^d, decoder (s, z) -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden_dims):
+        super().__init__()
+        self.encoder = mlp([obs_dim + act_dim, *hidden_dims, 2 * latent_dim])
+        self.decoder = mlp([obs_dim + latent_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+
+    def encode(self, obs: torch.Tensor, action: torch.Tensor):
+        mu, log_std = self.encoder(torch.cat([obs, action], dim=-1)).chunk(2, dim=-1)
+        return mu, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([obs, z], dim=-1))
+
+
+def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Training loss: MSE reconstruction + 0.5 * KL(N(mu, sigma) || N(0, I)), both averaged over elements."""
+    mu, log_std = cvae.encode(obs, action)
+    recon = cvae.decode(obs, mu + log_std.exp() * torch.randn_like(mu))
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).mean()
+    return F.mse_loss(recon, action) + 0.5 * kl
+
+
+def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+    mu, log_std = cvae.encode(obs, action)
+    recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
+    return recon_error + kl
+
+
+def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension j is an independent Gaussian; q_j = 2 (1 - Phi(|mu_j|)) is the prior's two-sided
+    tail mass beyond the encoder mean, and p is their average (linear weighting)."""
+    mu, _ = cvae.encode(obs, action)
+    return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
+
+
+def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
+    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+# --- end shared ---
+
+
+# --- shared: checkpoint I/O ---
+CHECKPOINT_FORMAT = "samg-offline-1"
+CHECKPOINT_KEYS = (
+    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
+    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
+    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+)
+
+
+def save_checkpoint(payload: dict, path: str):
+    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
+    if checkpoint["algo"] != algo:
+        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
+             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        fail(f"the {what} in {path} does not fit this network ({reason}); check --hidden-dims / --num-critics")
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+# --- shared: SAMG target ---
+def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
+                     neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """p(s, a) in [0, 1]: how far the Bellman target of the sample (s, a) trusts the frozen offline critic."""
+    batch = obs.shape[0]
+    if coef_mode == "none":
+        return obs.new_zeros(batch)
+    if coef_mode == "even":
+        return obs.new_full((batch,), 0.5)
+    if coef_mode == "random":
+        return torch.rand(batch, device=obs.device)
+    if p_estimator == "latent":
+        p_vae = p_latent(cvae, obs, actions)
+    else:
+        p_vae = p_elbo(cvae, neg_elbo_quantiles, obs, actions)
+    return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
+
+
+def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
+    """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
+    return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
+
+
+def next_values(critic_target: nn.Module, q_offline: nn.Module, next_obs, next_actions, coef_mode: str):
+    """min over members of Qbar(s', a') and of Q_off(s', a'); with coef-mode none p = 0, so Q_off is skipped."""
+    next_value_target = critic_target(next_obs, next_actions).min(0).values
+    if coef_mode == "none":
+        return next_value_target, next_value_target
+    return next_value_target, q_offline(next_obs, next_actions).min(0).values
+
+
+def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
+    """Adaptive p: the C-VAE keeps learning on the pairs the online critic fits best ("mastered"), so p grows
+    where the agent has learned. A fixed-size top-k keeps the update free of host synchronisation."""
+    mastered = td_error.topk(max(1, int(mastered_quantile * td_error.numel())), largest=False).indices
+    loss = cvae_loss(cvae, obs[mastered], actions[mastered])
+    cvae_optimizer.zero_grad()
+    loss.backward()
+    cvae_optimizer.step()
+    return loss.detach().reshape(1)
+# --- end shared ---
+
+
+# --- shared: online training ---
+class ReplayBuffer:
+    """Online transitions only, preallocated on the training device; one row holds [s, a, r, s', done]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
+        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
+        self.size, self.position = 0, 0
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
+        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row)
+        self.position = (self.position + 1) % len(self.rows)
+        self.size = min(self.size + 1, len(self.rows))
+
+    def sample(self, batch_size: int):
+        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement."""
+        index = torch.randint(self.size, (batch_size,), device=self.rows.device)
+        obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, dim=-1)
+        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
+
+
+CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values", "samg/p_mean", "samg/p_active_frac", "samg/intrinsic")
+
+
+def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target, p, intrinsic):
+    """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
+    steps) and each sample's |TD error| (mean over members) for the adaptive C-VAE."""
+    q_values = critic(obs, actions)
+    qf_loss = (q_values - target).pow(2).mean(1).sum()
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    q_values = q_values.detach()
+    metrics = torch.stack([qf_loss.detach(), q_values.mean(), p.mean(), (p > 0).float().mean(), intrinsic.mean()])
+    return metrics, (q_values - target).abs().mean(0)
+
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
+
+
+@torch.no_grad()
+def soft_update(target_params: list, online_params: list, tau: float):
+    torch._foreach_lerp_(target_params, online_params, tau)
+
+
+class MetricMeans:
+    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
+
+    def __init__(self, names):
+        self.names, self.total, self.count = names, None, 0
+
+    def add(self, values: torch.Tensor):
+        self.total = values.clone() if self.total is None else self.total + values
+        self.count += 1
+
+    def write(self, writer: SummaryWriter, step: int):
+        if self.count:
+            for name, value in zip(self.names, (self.total / self.count).tolist()):
+                writer.add_scalar(name, value, step)
+        self.total, self.count = None, 0
+# --- end shared ---
+
+
+# --- shared: online setup ---
+EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
+
+
+def load_online_checkpoint(args, algo: str):
+    """Checks the arguments, then loads the offline checkpoint; the offline dataset itself is never read."""
+    if not 0.0 <= args.p_threshold <= 1.0:
+        fail(f"--p-threshold is {args.p_threshold} but must lie in [0, 1]")
+    if not 0.0 < args.mastered_quantile <= 1.0:
+        fail(f"--mastered-quantile is {args.mastered_quantile} but must lie in (0, 1]")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video needs moviepy; install it with `pip install moviepy` or leave out --capture-video")
+    path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; make it with "
+             f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
+    return load_checkpoint(path, algo), path
+
+
+def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
+    """The online environment must have the observation and action spaces the checkpoint was trained for."""
+    try:
+        env = make_env(gym_id, checkpoint["gym_kwargs"], seed, render_mode)
+    except gym.error.Error as exc:
+        fail(f"cannot make the environment {gym_id} ({exc}); check --gym-id")
+    obs_dim, action_space = flatten_obs(env.observation_space.sample()).shape[-1], env.action_space
+    if obs_dim != checkpoint["obs_dim"] or action_space.shape != (checkpoint["act_dim"],):
+        fail(f"{gym_id} has {obs_dim}-d observations and {action_space.shape} actions but {path} was trained on "
+             f"{checkpoint['obs_dim']} and ({checkpoint['act_dim']},); fine-tune on {checkpoint['gym_id']}")
+    if not (np.allclose(action_space.low, np.asarray(checkpoint["action_low"], dtype=np.float32))
+            and np.allclose(action_space.high, np.asarray(checkpoint["action_high"], dtype=np.float32))):
+        fail(f"{gym_id} has other action bounds than {path} was trained with; fine-tune on {checkpoint['gym_id']}")
+    return env
+
+
+def loaded(module: nn.Module, state_dict: dict, what: str, path: str, device: torch.device) -> nn.Module:
+    load_weights(module, state_dict, what, path)
+    return module.to(device)
+
+
+def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
+    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
+    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
+    state = checkpoint["critic"]
+    num_critics = num_critics or next(iter(state.values())).shape[0]
+    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    critic, critic_target, q_offline = (
+        loaded(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path, device)
+        for _ in range(3)
+    )
+    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
+
+
+def start_run(args, checkpoint: dict, path: str):
+    """Seeds everything, names the run, opens TensorBoard (and wandb with --track), logs the hyperparameters."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
+                "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
+                "offline_normalized_score": checkpoint["offline_normalized_score"]}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return run_name, writer
+
+
+def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
+    """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
+    gym_id = args.gym_id or checkpoint["gym_id"]
+    if not args.capture_video:
+        return make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path)
+    env = make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path, render_mode="rgb_array")
+    return gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+
+
+def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
+                   device: torch.device, step: int) -> float:
+    obs_mean, obs_std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + EVAL_SEED_OFFSET,
+                                     device)
+    score = float(normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]).mean())
+    writer.add_scalar("eval/return", returns.mean(), step)
+    writer.add_scalar("eval/normalized_score", score, step)
+    if isinstance(eval_env.observation_space, gym.spaces.Dict):
+        writer.add_scalar("eval/success", successes.mean(), step)
+    return score
+
+
+def observation_normalizer(checkpoint: dict):
+    """flatten_obs, then the offline dataset's mean and std from the checkpoint."""
+    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    return lambda obs: ((flatten_obs(obs) - mean) / std).astype(np.float32)
+
+
+class EpisodeLog:
+    """Online episodes: return, length and, on goal tasks, success and regret (mean of 1 - success so far)."""
+
+    def __init__(self, writer: SummaryWriter, goal_task: bool):
+        self.writer, self.goal_task, self.successes = writer, goal_task, []
+        self.episode_return, self.length, self.success = 0.0, 0, 0.0
+
+    def step(self, reward: float, info: dict, episode_over: bool, global_step: int):
+        self.episode_return, self.length = self.episode_return + float(reward), self.length + 1
+        self.success = max(self.success, float(info.get("success", 0.0)))
+        if episode_over:
+            self.writer.add_scalar("charts/episodic_return", self.episode_return, global_step)
+            self.writer.add_scalar("charts/episodic_length", self.length, global_step)
+            if self.goal_task:
+                self.successes.append(self.success)
+                self.writer.add_scalar("charts/success", self.success, global_step)
+                self.writer.add_scalar("charts/regret", 1.0 - float(np.mean(self.successes)), global_step)
+            self.episode_return, self.length, self.success = 0.0, 0, 0.0
+
+
+def log_progress(writer: SummaryWriter, metric_means, global_step: int, args, start_time: float, score: float):
+    """Writes the averaged losses and SPS, and prints where the run stands."""
+    for metrics in metric_means:
+        metrics.write(writer, global_step)
+    sps = global_step / (time.time() - start_time)
+    writer.add_scalar("charts/SPS", int(sps), global_step)
+    eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / max(sps, 1e-9)))
+    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}", flush=True)
+
+
+def compiled(args, *update_functions):
+    """--compile wraps the update functions in torch.compile; --cudagraphs (CUDA only) also captures CUDA graphs."""
+    if not (args.compile or args.cudagraphs):
+        return update_functions
+    return tuple(torch.compile(f, mode="reduce-overhead" if args.cudagraphs else None) for f in update_functions)
+
+
+def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, networks: dict, **tensors):
+    """Writes the fine-tuned networks under the checkpoint's keys and format, so the file loads like a checkpoint."""
+    payload = dict(checkpoint, online_steps=step, online_normalized_score=score, online_args=dataclasses.asdict(args),
+                   **tensors)
+    for key, network in networks.items():
+        payload[key] = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
+    path = os.path.join(args.run_dir, run_name, "model.pt")
+    save_checkpoint(payload, path)
+    print(f"saved {path}")
+# --- end shared ---
+
+
+def awac_target(batch, actor: GaussianActor, critic_target: CriticEnsemble, q_offline: CriticEnsemble, cvae: CVAE,
+                neg_elbo_quantiles: torch.Tensor, args: Args):
+    """AWAC's target (a' sampled from the policy, no entropy term) with SAMG's mix."""
+    obs, actions, rewards, next_obs, dones = batch
+    next_actions = actor.act(next_obs, deterministic=False)
+    p = samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, cvae, neg_elbo_quantiles, obs, actions)
+    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions, args.coef_mode)
+    target = guided_target(rewards, dones, args.gamma, next_value_target, next_value_offline, p)
+    return target, p, args.gamma * p * (next_value_offline - next_value_target)
+
+
+def update_critic(batch, actor, critic, critic_target, q_offline, cvae, neg_elbo_quantiles, critic_optimizer,
+                  args: Args):
+    with torch.no_grad():
+        target, p, intrinsic = awac_target(batch, actor, critic_target, q_offline, cvae, neg_elbo_quantiles, args)
+    return critic_step(critic, critic_optimizer, batch[0], batch[1], target, p, intrinsic)
+
+
+def update_actor(obs, actions, actor, critic, actor_optimizer, awac_lambda: float, max_weight: float):
+    """Advantage-weighted regression on the online batch: log pi(a|s) weighted by exp((Q(s, a) - V(s)) / lambda),
+    with V(s) = Q(s, a~pi); one batched critic call gives both."""
+    with torch.no_grad():
+        policy_actions = actor.act(obs, deterministic=False)
+        q_data, value = critic(torch.cat([obs, obs]), torch.cat([actions, policy_actions])).min(0).values.chunk(2)
+        weights = torch.exp((q_data - value) / awac_lambda).clamp(max=max_weight)
+    actor_loss = -(weights * actor.log_prob(obs, actions)).mean()
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+    return actor_loss.detach().reshape(1)
+
+
+ACTOR_METRICS = ("losses/actor_loss",)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
+    run_name, writer = start_run(args, checkpoint, checkpoint_path)
+    eval_env = make_eval_env(args, checkpoint, checkpoint_path, run_name)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    actor = loaded(GaussianActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor", checkpoint_path, device)
+    critic, critic_target, q_offline = build_critics(checkpoint, args.num_critics, checkpoint_path, device)
+    cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
+                  checkpoint_path, device)
+    neg_elbo_quantiles = checkpoint["cvae_calibration"]["neg_elbo_quantiles"].to(device)
+    awac_lambda = args.awac_lambda or checkpoint["args"].get("awac_lambda")
+    if not awac_lambda:
+        fail(f"{checkpoint_path} records no awac_lambda; pass --awac-lambda")
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
+    update_critic, update_actor, update_cvae = compiled(args, update_critic, update_actor,
+                                                        update_cvae_on_mastered)
+    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+
+    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
+    normalize = observation_normalizer(checkpoint)
+    low, high = env.action_space.low, env.action_space.high
+    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
+    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
+    cvae_metrics = MetricMeans(("samg/cvae_loss",))
+    learn_cvae = args.adaptive and args.coef_mode == "cvae"  # the C-VAE only matters where it gives p
+    refresh_q_offline = args.adaptive and args.coef_mode != "none"
+
+    score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+    print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+    obs = normalize(env.reset(seed=args.seed)[0])
+    start_time, global_step, num_updates, interrupted = time.time(), 0, 0, False
+    try:
+        for global_step in range(1, args.total_timesteps + 1):
+            with torch.no_grad():  # the pretrained policy explores from the first step on
+                action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
+            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            next_obs = normalize(raw_next_obs)
+            # done = terminated only: a time limit never stops bootstrapping
+            replay.add(obs, action, reward * checkpoint["reward_scale"] + checkpoint["reward_bias"], next_obs, terminated)
+            episodes.step(reward, info, terminated or truncated, global_step)
+            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
+
+            if global_step > args.learning_starts:
+                for _ in range(args.utd):
+                    batch = replay.sample(args.batch_size)
+                    metrics, td_error = update_critic(batch, actor, critic, critic_target, q_offline, cvae,
+                                                      neg_elbo_quantiles, critic_optimizer, args)
+                    critic_metrics.add(metrics)
+                    if learn_cvae and num_updates % args.cvae_update_every == 0:
+                        cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
+                                                     args.mastered_quantile))
+                    actor_metrics.add(update_actor(batch[0], batch[1], actor, critic, actor_optimizer, awac_lambda,
+                                                   args.awac_max_weight))
+                    soft_update(target_params, online_params, args.tau)
+                    num_updates += 1
+            if refresh_q_offline and global_step % args.qoff_refresh_every == 0:
+                q_offline.load_state_dict(critic.state_dict())
+
+            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
+                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
+            if global_step % args.log_freq == 0 or global_step == args.total_timesteps:
+                log_progress(writer, (critic_metrics, actor_metrics, cvae_metrics), global_step, args, start_time,
+                             score)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
+    if args.save_model:
+        save_model(args, run_name, checkpoint, global_step, score, dict(actor=actor, critic=critic, cvae=cvae))
+    env.close()
+    eval_env.close()
+    writer.close()
+    if interrupted:
+        raise SystemExit(130)
