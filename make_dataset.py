@@ -714,7 +714,8 @@ if __name__ == "__main__":
 
     for dataset_id, episodes in datasets.items():
         print(f"writing {dataset_id} ({len(episodes)} episodes)", flush=True)
-        write_dataset(dataset_id, episodes, env.spec, ref_min, ref_max, *descriptions[dataset_id])
+        # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
+        write_dataset(dataset_id, episodes, gym.spec(gym_id), ref_min, ref_max, *descriptions[dataset_id])
     elapsed = format_seconds(time.time() - start_time)
     print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {elapsed}")
     print(summary_table(datasets, ref_min, ref_max))

@@ -498,6 +498,7 @@ def load_dataset(dataset_id: str) -> dict:
     except Exception as exc:
         fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
     gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
+    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
     if env_spec.max_episode_steps is not None:
         gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
     metadata = dataset.storage.metadata

@@ -101,6 +101,7 @@ def test_pendulum_run_writes_every_quality_with_the_requested_sizes_and_measured
     assert f"mean return {ref_max:.1f} over 2 episodes (reference maximum)" in result.stdout
     assert -16.3 * 200 < ref_min < 0
     dataset = minari.load_dataset("local/pendulum/medium-v0")
+    assert dataset.spec.env_spec.id == "Pendulum-v1" and dataset.spec.env_spec.kwargs == gym.spec("Pendulum-v1").kwargs
     np.testing.assert_allclose(minari.get_normalized_score(dataset, np.array([ref_min, ref_max])), [0.0, 1.0])
     # medium-replay is the start of training: its first episode begins at the training env's seeded reset
     first_obs, _ = gym.make("Pendulum-v1").reset(seed=1)

@@ -95,12 +95,12 @@ def test_sac_target_is_the_soft_target_of_the_target_critic_at_p0_and_of_q_offli
     data = batch()
     torch.manual_seed(1)
     actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline = critics(sac, 2), critics(sac, 3)
+    critic_target, q_offline, cvae = critics(sac, 2), critics(sac, 3), certain_cvae(sac)
     log_alpha = torch.tensor(-1.5)
     args = sac.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, intrinsic = sac.sac_target(data, actor, critic_target, q_offline, certain_cvae(sac), None,
+        target, p, intrinsic = sac.sac_target(data, actor, critic_target, q_offline, cvae, None,
                                               log_alpha, args)
         torch.manual_seed(7)  # the same a' ~ pi(s')
         expected = sac_reference(sac, data, actor, critic_target if coef_mode == "none" else q_offline,
@@ -115,12 +115,12 @@ def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic
     data = batch()
     torch.manual_seed(1)
     actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline = critics(td3, 2), critics(td3, 3)
+    critic_target, q_offline, cvae = critics(td3, 2), critics(td3, 3), certain_cvae(td3)
     args = td3.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, certain_cvae(td3), None, args)
+        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, cvae, None, args)
         torch.manual_seed(7)  # the same smoothing noise
         noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
         next_actions = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
@@ -135,12 +135,12 @@ def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(
     data = batch()
     torch.manual_seed(1)
     actor = awac.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline = critics(awac, 2), critics(awac, 3)
+    critic_target, q_offline, cvae = critics(awac, 2), critics(awac, 3), certain_cvae(awac)
     args = awac.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, _ = awac.awac_target(data, actor, critic_target, q_offline, certain_cvae(awac), None, args)
+        target, p, _ = awac.awac_target(data, actor, critic_target, q_offline, cvae, None, args)
         torch.manual_seed(7)
         next_actions = actor.act(next_obs, deterministic=False)
         chosen = critic_target if coef_mode == "none" else q_offline

@@ -1,0 +1,135 @@
+"""The online scripts as a user runs them: fine-tuning end to end from a real (tiny) checkpoint, without the offline
+dataset, reproducibly, and with one-sentence errors for the inputs a user can get wrong."""
+import os
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import make_tiny_dataset, run_script
+
+ENV_ID = "local/hopper/medium-v0"
+SCRIPTS = {"samg_sac.py": "cql", "samg_td3.py": "td3bc", "samg_awac.py": "awac"}
+QUICK = ["--env-id", ENV_ID, "--eval-episodes", "1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory holding a cql, a td3bc and an awac checkpoint pretrained on a tiny dataset, which is then
+    deleted: every online run below happens without the offline data."""
+    base = tmp_path_factory.mktemp("samg")
+    store, workdir = base / "offline-store", base / "work"
+    workdir.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(store))
+        make_tiny_dataset(ENV_ID)
+    for algo in SCRIPTS.values():
+        result = run_script("pretrain_offline.py", "--env-id", ENV_ID, "--algo", algo, "--total-steps", 50,
+                            "--cvae-steps", 200, "--eval-freq", 100, "--eval-episodes", 1, cwd=workdir,
+                            env_overrides={"MINARI_DATASETS_PATH": str(store)})
+        assert result.returncode == 0, result.stderr
+    shutil.rmtree(store)
+    return workdir
+
+
+def scalars(run_dir) -> dict:
+    """{tag: [(step, value), ...]} from the single run under run_dir."""
+    (run,) = os.listdir(run_dir)
+    events = EventAccumulator(os.path.join(run_dir, run), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def checkpoint_path(workdir, algo):
+    return workdir / "checkpoints" / f"{ENV_ID.replace('/', '-')}__{algo}__1.pt"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_fine_tunes_past_learning_starts_evaluates_logs_and_saves_a_reloadable_model(workdir, tmp_path, script):
+    result = run_script(script, *QUICK, "--total-timesteps", 400, "--learning-starts", 100, "--eval-freq", 200,
+                        "--log-freq", 100, "--save-model", "--run-dir", tmp_path, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    logged = scalars(tmp_path)
+    assert [step for step, _ in logged["eval/normalized_score"]] == [0, 200, 400]
+    assert [step for step, _ in logged["samg/p_mean"]] == [200, 300, 400]  # updates start after step 100
+    assert all(0.0 <= value <= 1.0 for _, value in logged["samg/p_mean"] + logged["samg/p_active_frac"])
+    for tag in ["losses/qf_loss", "losses/actor_loss", "losses/qf_values", "samg/intrinsic", "samg/cvae_loss",
+                "charts/episodic_return", "charts/SPS", "eval/return"]:
+        assert tag in logged, f"{tag} missing"
+    assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/qf_loss"])
+
+    (run,) = os.listdir(tmp_path)
+    model = torch.load(tmp_path / run / "model.pt", weights_only=True)
+    offline = torch.load(checkpoint_path(workdir, SCRIPTS[script]), weights_only=True)
+    assert model["format"] == "samg-offline-1" and model["algo"] == SCRIPTS[script] and model["online_steps"] == 400
+    assert set(offline) <= set(model)
+    for network in ["actor", "critic", "cvae"]:  # all three were trained online
+        assert any(not torch.equal(model[network][k], offline[network][k]) for k in offline[network]), network
+
+
+def test_online_fine_tuning_runs_with_the_offline_dataset_deleted(workdir, tmp_path):
+    deleted_store = workdir.parent / "offline-store"  # where the checkpoints' dataset was, removed after pretraining
+    assert not deleted_store.exists()
+    result = run_script("samg_td3.py", *QUICK, "--total-timesteps", 150, "--learning-starts", 50, "--eval-freq", 100,
+                        "--run-dir", tmp_path / "runs", cwd=workdir,
+                        env_overrides={"MINARI_DATASETS_PATH": str(deleted_store)})
+    assert result.returncode == 0, result.stderr
+    assert [step for step, _ in scalars(tmp_path / "runs")["eval/normalized_score"]] == [0, 100, 150]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_gives_identical_losses_on_cpu(workdir, tmp_path, script):
+    runs = []
+    for attempt in range(2):
+        run_dir = tmp_path / f"run{attempt}"
+        result = run_script(script, *QUICK, "--total-timesteps", 160, "--learning-starts", 100, "--eval-freq", 1000,
+                            "--log-freq", 20, "--run-dir", run_dir, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        runs.append(scalars(run_dir))
+    for tag in ["losses/qf_loss", "losses/actor_loss", "samg/p_mean", "samg/cvae_loss", "charts/episodic_return"]:
+        assert runs[0][tag] == runs[1][tag], tag
+    assert len({value for _, value in runs[0]["losses/qf_loss"]}) == 3  # three different averages, not a constant
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_checkpoint_prints_the_pretrain_command_that_makes_it(tmp_path, script):
+    result = run_script(script, "--env-id", "hopper-medium-v2", "--seed", 3, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"`python pretrain_offline.py --env-id hopper-medium-v2 --algo {SCRIPTS[script]} --seed 3`" in result.stderr
+
+
+def assert_one_sentence_error(result, *fragments):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and all(fragment in message for fragment in fragments), message
+
+
+def test_checkpoint_of_another_algorithm_is_refused_naming_both(workdir):
+    result = run_script("samg_sac.py", *QUICK, "--checkpoint", checkpoint_path(workdir, "td3bc"), cwd=workdir)
+    assert_one_sentence_error(result, "td3bc checkpoint", "needs cql")
+
+
+def test_file_of_another_format_is_refused_naming_the_format(workdir, tmp_path):
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    result = run_script("samg_awac.py", *QUICK, "--checkpoint", tmp_path / "other.pt", cwd=workdir)
+    assert_one_sentence_error(result, "'something-else'", "samg-offline-1")
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_stated_sizes_is_refused(workdir, tmp_path):
+    checkpoint = torch.load(checkpoint_path(workdir, "cql"), weights_only=True)
+    checkpoint["hidden_dims"] = [64, 64]
+    torch.save(checkpoint, tmp_path / "resized.pt")
+    result = run_script("samg_sac.py", *QUICK, "--checkpoint", tmp_path / "resized.pt", cwd=workdir)
+    assert_one_sentence_error(result, "does not fit")
+
+
+def test_environment_with_other_spaces_than_the_checkpoint_is_refused(workdir):
+    result = run_script("samg_td3.py", *QUICK, "--gym-id", "Walker2d-v5", cwd=workdir)
+    assert_one_sentence_error(result, "Walker2d-v5", "17-d observations", "Hopper-v5")
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_threshold_outside_the_unit_interval_is_refused(workdir, threshold):
+    result = run_script("samg_sac.py", *QUICK, "--p-threshold", threshold, cwd=workdir)
+    assert_one_sentence_error(result, "--p-threshold", "[0, 1]")
