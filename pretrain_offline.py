@@ -362,7 +362,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit this network ({reason}); check --hidden-dims / --num-critics")
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
 # --- end shared ---
 
 

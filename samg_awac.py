@@ -60,8 +60,8 @@ class OnlineArgs:
     """actor learning rate"""
     coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
     """p(s, a): cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
-    p_estimator: Literal["latent", "elbo"] = "latent"
-    """p_vae from the C-VAE: latent (prior tail mass at the encoder mean) or elbo (rank among offline ELBOs)"""
+    p_estimator: Literal["latent", "elbo"] = "elbo"
+    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs; the default, by benchmark/ood.py) or latent"""
     p_threshold: float = 0.2
     """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
     adaptive: bool = True
@@ -298,7 +298,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit this network ({reason}); check --hidden-dims / --num-critics")
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
 # --- end shared ---
 
 
@@ -516,18 +517,18 @@ def start_run(args, checkpoint: dict, path: str):
 
 def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
     """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
-    gym_id = args.gym_id or checkpoint["gym_id"]
-    if not args.capture_video:
-        return make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path)
-    env = make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path, render_mode="rgb_array")
-    return gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
+                           render_mode="rgb_array" if args.capture_video else None)
+    if args.capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return env
 
 
 def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
                    device: torch.device, step: int) -> float:
     obs_mean, obs_std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
-    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + EVAL_SEED_OFFSET,
-                                     device)
+    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes,
+                                     args.seed + EVAL_SEED_OFFSET, device)
     score = float(normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]).mean())
     writer.add_scalar("eval/return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", score, step)
@@ -569,7 +570,8 @@ def log_progress(writer: SummaryWriter, metric_means, global_step: int, args, st
     sps = global_step / (time.time() - start_time)
     writer.add_scalar("charts/SPS", int(sps), global_step)
     eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / max(sps, 1e-9)))
-    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}", flush=True)
+    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}",
+          flush=True)
 
 
 def compiled(args, *update_functions):
@@ -597,7 +599,8 @@ def awac_target(batch, actor: GaussianActor, critic_target: CriticEnsemble, q_of
     obs, actions, rewards, next_obs, dones = batch
     next_actions = actor.act(next_obs, deterministic=False)
     p = samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, cvae, neg_elbo_quantiles, obs, actions)
-    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions, args.coef_mode)
+    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions,
+                                                        args.coef_mode)
     target = guided_target(rewards, dones, args.gamma, next_value_target, next_value_offline, p)
     return target, p, args.gamma * p * (next_value_offline - next_value_target)
 
@@ -629,6 +632,9 @@ ACTOR_METRICS = ("losses/actor_loss",)
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
+    args.awac_lambda = args.awac_lambda or checkpoint["args"].get("awac_lambda")  # by default the offline lambda
+    if not args.awac_lambda:
+        fail(f"{checkpoint_path} records no awac_lambda; pass --awac-lambda")
     env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
     run_name, writer = start_run(args, checkpoint, checkpoint_path)
     eval_env = make_eval_env(args, checkpoint, checkpoint_path, run_name)
@@ -640,9 +646,6 @@ if __name__ == "__main__":
     cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
                   checkpoint_path, device)
     neg_elbo_quantiles = checkpoint["cvae_calibration"]["neg_elbo_quantiles"].to(device)
-    awac_lambda = args.awac_lambda or checkpoint["args"].get("awac_lambda")
-    if not awac_lambda:
-        fail(f"{checkpoint_path} records no awac_lambda; pass --awac-lambda")
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
     cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
@@ -670,7 +673,8 @@ if __name__ == "__main__":
             raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
             next_obs = normalize(raw_next_obs)
             # done = terminated only: a time limit never stops bootstrapping
-            replay.add(obs, action, reward * checkpoint["reward_scale"] + checkpoint["reward_bias"], next_obs, terminated)
+            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
+            replay.add(obs, action, training_reward, next_obs, terminated)
             episodes.step(reward, info, terminated or truncated, global_step)
             obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
 
@@ -683,8 +687,8 @@ if __name__ == "__main__":
                     if learn_cvae and num_updates % args.cvae_update_every == 0:
                         cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
                                                      args.mastered_quantile))
-                    actor_metrics.add(update_actor(batch[0], batch[1], actor, critic, actor_optimizer, awac_lambda,
-                                                   args.awac_max_weight))
+                    actor_metrics.add(update_actor(batch[0], batch[1], actor, critic, actor_optimizer,
+                                                   args.awac_lambda, args.awac_max_weight))
                     soft_update(target_params, online_params, args.tau)
                     num_updates += 1
             if refresh_q_offline and global_step % args.qoff_refresh_every == 0:

@@ -60,8 +60,8 @@ class OnlineArgs:
     """actor learning rate"""
     coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
     """p(s, a): cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
-    p_estimator: Literal["latent", "elbo"] = "latent"
-    """p_vae from the C-VAE: latent (prior tail mass at the encoder mean) or elbo (rank among offline ELBOs)"""
+    p_estimator: Literal["latent", "elbo"] = "elbo"
+    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs; the default, by benchmark/ood.py) or latent"""
     p_threshold: float = 0.2
     """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
     adaptive: bool = True
@@ -297,7 +297,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit this network ({reason}); check --hidden-dims / --num-critics")
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
 # --- end shared ---
 
 
@@ -515,18 +516,18 @@ def start_run(args, checkpoint: dict, path: str):
 
 def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
     """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
-    gym_id = args.gym_id or checkpoint["gym_id"]
-    if not args.capture_video:
-        return make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path)
-    env = make_checked_env(checkpoint, gym_id, args.seed + EVAL_SEED_OFFSET, path, render_mode="rgb_array")
-    return gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
+                           render_mode="rgb_array" if args.capture_video else None)
+    if args.capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return env
 
 
 def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
                    device: torch.device, step: int) -> float:
     obs_mean, obs_std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
-    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + EVAL_SEED_OFFSET,
-                                     device)
+    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes,
+                                     args.seed + EVAL_SEED_OFFSET, device)
     score = float(normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]).mean())
     writer.add_scalar("eval/return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", score, step)
@@ -568,7 +569,8 @@ def log_progress(writer: SummaryWriter, metric_means, global_step: int, args, st
     sps = global_step / (time.time() - start_time)
     writer.add_scalar("charts/SPS", int(sps), global_step)
     eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / max(sps, 1e-9)))
-    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}", flush=True)
+    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}",
+          flush=True)
 
 
 def compiled(args, *update_functions):
@@ -597,7 +599,8 @@ def td3_target(batch, actor_target: DeterministicActor, critic_target: CriticEns
     noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
     next_actions = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
     p = samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, cvae, neg_elbo_quantiles, obs, actions)
-    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions, args.coef_mode)
+    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions,
+                                                        args.coef_mode)
     target = guided_target(rewards, dones, args.gamma, next_value_target, next_value_offline, p)
     return target, p, args.gamma * p * (next_value_offline - next_value_target)
 
@@ -665,7 +668,8 @@ if __name__ == "__main__":
             raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
             next_obs = normalize(raw_next_obs)
             # done = terminated only: a time limit never stops bootstrapping
-            replay.add(obs, action, reward * checkpoint["reward_scale"] + checkpoint["reward_bias"], next_obs, terminated)
+            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
+            replay.add(obs, action, training_reward, next_obs, terminated)
             episodes.step(reward, info, terminated or truncated, global_step)
             obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
 

@@ -41,7 +41,7 @@ class Args:
     p_threshold: float = 0.2
     """also reports the share of pairs with p >= this threshold (the online scripts' --p-threshold)"""
     retrain_cvae_steps: int = 0
-    """0: use the checkpoint's C-VAE on pairs it was trained on; N > 0: train a fresh one for N steps and score held-out pairs"""
+    """0: the checkpoint's C-VAE on pairs it was trained on; N > 0: a fresh C-VAE trained N steps, on held-out pairs"""
     holdout_fraction: float = 0.1
     """share of the transitions held out when --retrain-cvae-steps > 0"""
     seed: int = 0
@@ -132,10 +132,11 @@ def measure(path: Path, args: Args) -> Tuple[Dict[str, dict], str]:
         held_out = max(1, int(args.holdout_fraction * obs.shape[0]))
         train_index, eval_index = permutation[held_out:], permutation[:held_out]
         cvae, calibration = train_cvae(checkpoint, obs[train_index], actions[train_index], args.retrain_cvae_steps)
-        source = f"{len(eval_index)} held-out pairs, C-VAE retrained for {args.retrain_cvae_steps} steps"
+        source = f"held-out pairs, C-VAE retrained for {args.retrain_cvae_steps} steps"
     else:
         eval_index = permutation
-        cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"], checkpoint["hidden_dims"])
+        cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"],
+                       checkpoint["hidden_dims"])
         po.load_weights(cvae, checkpoint["cvae"], "C-VAE", str(path))
         calibration = checkpoint["cvae_calibration"]
         source = "training pairs of the checkpoint's C-VAE"
@@ -167,7 +168,8 @@ def markdown(all_results: List[Tuple[Path, str, Dict[str, dict]]], p_threshold: 
             lines.append(f"| {path.name} | {source} | {estimator} | {r['auroc_random']:.3f} | "
                          f"{r['auroc_perturbed']:.3f} | {' / '.join(f'{v:.2f}' for v in r['mean_p'])} | "
                          f"{' / '.join(f'{v:.2f}' for v in r['active'])} |")
-    lines += ["", "| estimator | mean AUROC vs random a | mean AUROC vs a + noise | checkpoints |", "| --- | --- | --- | --- |"]
+    lines += ["", "| estimator | mean AUROC vs random a | mean AUROC vs a + noise | checkpoints |",
+              "| --- | --- | --- | --- |"]
     for estimator in ESTIMATORS:
         rows = [results[estimator] for _, _, results in all_results]
         lines.append(f"| {estimator} | {np.mean([r['auroc_random'] for r in rows]):.3f} | "

@@ -3,8 +3,9 @@
     python benchmark/report.py --runs-dir runs/quick
 
 Every online run that benchmark/run_suite.py starts has its own directory holding the TensorBoard events (in the
-subdirectory the script names), a `suite.json` that says what the run is (env id, algo, method, seed, online steps) and, once the run exited
-cleanly, a `DONE` file. This script groups the finished runs by (env id, algo, method) and writes:
+subdirectory the script names), a `suite.json` that says what the run is (env id, algo, method, seed, online
+steps) and, once the run exited cleanly, a `DONE` file. This script groups the finished runs by (env id, algo,
+method) and writes:
 
 - `results.md`: per group, mean +- std over seeds of the offline score (the evaluation at online step 0), the
   final online score (the mean of the last `--final-evals` evaluations of each run, by default just the last
@@ -19,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import tyro
@@ -115,7 +116,7 @@ def summarize(per_run: List[dict]) -> List[dict]:
     for run in per_run:
         groups.setdefault((run["env_id"], run["algo"], run["method"]), []).append(run)
     rows = []
-    for (env_id, algo, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], method_rank(kv[0][2]))):
+    for (env_id, algo, method), runs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], method_rank(kv[0][2]))):
         row = {"env_id": env_id, "algo": algo, "method": method, "seeds": sorted(run["seed"] for run in runs)}
         for key in ("offline", "final", "dip"):
             row[key], row[f"{key}_std"] = mean_std([run[key] for run in runs])

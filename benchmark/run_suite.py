@@ -1,6 +1,6 @@
 """The benchmark suite: datasets, offline pretraining and online fine-tuning for env ids x algos x methods x seeds.
 
-    python benchmark/run_suite.py --preset quick --workers 2      # about an hour on 2 CPU cores
+    python benchmark/run_suite.py --preset quick --workers 2      # under an hour on 2 CPU cores
     python benchmark/run_suite.py --preset paper --print-commands # one shell line per run, for a cluster launcher
     python benchmark/report.py --runs-dir runs/quick               # the table and the curves
 
@@ -16,6 +16,9 @@ at the end), an online run when its directory `{runs_dir}/{run id}` holds a `DON
 the script exits with status 0. That directory is the script's `--run-dir`, so it also holds the run's
 TensorBoard log (in a subdirectory named after the run), next to a `suite.json` saying what the run is, by which
 benchmark/report.py groups the runs. Each run's output goes to `{runs_dir}/logs/{run id}.log`.
+
+The suite gives each run `--threads` OMP/MKL threads (default 1); a cluster launcher running the printed lines
+should set OMP_NUM_THREADS itself.
 """
 import json
 import os
@@ -61,6 +64,8 @@ class Preset:
     """extra pretrain_offline.py flags (the online scripts take network sizes from the checkpoint)"""
     online_args: Tuple[str, ...] = ()
     """extra flags of the online scripts"""
+    # budgets: pretrain_offline.py --total-steps, --cvae-steps, --eval-freq; the online scripts'
+    # --total-timesteps, --learning-starts, --eval-freq; --eval-episodes of both
     offline_steps: Optional[int] = None
     cvae_steps: Optional[int] = None
     offline_eval_freq: Optional[int] = None
@@ -71,24 +76,33 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, 64x64 networks
-    # (CQL's 30 sampled actions per state make 256x256 too slow for a CPU): 1 dataset run, 18 pretraining runs
-    # and 36 online runs, about 50 minutes with --workers 2 on 2 CPU cores.
+    # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, with 64x64 networks
+    # (CQL's 30 sampled actions per state make 256x256 too slow on a CPU): 1 dataset run, 18 pretraining runs
+    # and 36 online runs. Measured work: dataset 1.5 CPU-min; pretraining 4.3 (cql), 0.9 (td3bc), 0.8 (awac)
+    # CPU-min; online runs about 1 CPU-min each; so about 40 minutes with --workers 2 on 2 free CPU cores.
+    # Q_off is refreshed every 3000 steps, 5 times per run, as the default 50k does in a 250k-step run.
     "quick": Preset(
         env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"), coef_modes=("cvae", "none"),
         variants=("adaptive",), seeds=(1, 2, 3),
-        dataset_args=("--sac-steps", "15000", "--learning-starts", "1000", "--eval-freq", "500", "--eval-episodes", "5",
-                      "--transitions", "50000", "--hidden-dims", "64", "64"),
+        dataset_args=("--sac-steps", "15000", "--learning-starts", "1000", "--eval-freq", "500",
+                      "--eval-episodes", "5", "--transitions", "50000", "--hidden-dims", "64", "64"),
         pretrain_args=("--hidden-dims", "64", "64"), offline_steps=10_000, cvae_steps=10_000,
-        offline_eval_freq=5_000, online_steps=10_000, learning_starts=500, online_eval_freq=250, eval_episodes=5,
+        offline_eval_freq=5_000, online_steps=15_000, learning_starts=500, online_eval_freq=500, eval_episodes=5,
+        online_args=("--qoff-refresh-every", "3000"),
     ),
-    # Hopper-v5 from locally generated datasets, with budgets a CPU can carry (a day or two with 2 workers).
+    # Hopper-v5 from locally generated medium and medium-replay data, 128x128 networks, 50k offline and 30k
+    # online steps, the four coefficient modes with the adaptive update: 1 dataset run, 18 pretraining runs
+    # (cql about 45 CPU-min each, td3bc and awac about 6) and 72 online runs (about 7 CPU-min each, estimated
+    # from the update rates), so about 8 hours with --workers 2.
     "hopper-cpu": Preset(
-        env_ids=("local/hopper/medium-v0", "local/hopper/medium-replay-v0"), seeds=(1, 2, 3),
-        offline_steps=100_000, cvae_steps=50_000, offline_eval_freq=10_000,
-        online_steps=50_000, learning_starts=5_000, online_eval_freq=2_500, eval_episodes=5,
+        env_ids=("local/hopper/medium-v0", "local/hopper/medium-replay-v0"), variants=("adaptive",),
+        seeds=(1, 2, 3), dataset_args=("--sac-steps", "300000", "--transitions", "200000"),
+        pretrain_args=("--hidden-dims", "128", "128"), offline_steps=50_000, cvae_steps=50_000,
+        offline_eval_freq=10_000, online_steps=30_000, learning_starts=1_000, online_eval_freq=1_000,
+        eval_episodes=5, online_args=("--qoff-refresh-every", "6000"),
     ),
-    # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds.
+    # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds, every
+    # method; the scripts' defaults otherwise.
     "paper": Preset(
         env_ids=tuple(f"{env}-{quality}-v2" for env in ("hopper", "halfcheetah", "walker2d")
                       for quality in ("medium", "medium-replay", "medium-expert")),
@@ -104,7 +118,7 @@ class Args:
     env_ids: Optional[Tuple[str, ...]] = None
     """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
     algos: Optional[Tuple[Literal["cql", "td3bc", "awac"], ...]] = None
-    """offline algorithms; each is fine-tuned by its own script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py)"""
+    """offline algorithms, each fine-tuned by its script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py)"""
     coef_modes: Optional[Tuple[Literal["cvae", "none", "even", "random"], ...]] = None
     """coefficient modes p(s, a) of the online runs"""
     variants: Optional[Tuple[Literal["adaptive", "static"], ...]] = None
@@ -134,7 +148,7 @@ class Args:
     print_commands: bool = False
     """print one shell line per run still to do, in dependency order, and exit"""
     dry_run: bool = False
-    """list the runs with their state (done / to do) and exit"""
+    """list every run, `todo` or `skip` (its result exists, or nothing still to do needs it), and exit"""
 
 
 @dataclass
@@ -251,8 +265,7 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                         command = online_command(env_id, algo, coef_mode, adaptive, seed, checkpoint, run_dir, preset)
                         meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
                                 "coef_mode": coef_mode, "adaptive": adaptive, "seed": seed,
-                                "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint),
-                                "command": shlex.join(command)}
+                                "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint)}
                         runs.append(Run(run_id, "online", command, [f"{safe_name(env_id)}__{algo}__{seed}"],
                                         [run_dir / "DONE"], run_dir, meta))
     return runs
@@ -279,73 +292,89 @@ def prepare_online_dir(run: Run):
 
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def runs_to_do(runs: List[Run]) -> List[Run]:
+    """The runs whose results are missing, less datasets that no unfinished pretraining run needs."""
+    todo = [run for run in runs if not run.is_done()]
+    needed = {dep for run in todo for dep in run.deps}
+    return [run for run in todo if run.stage != "dataset" or run.id in needed]
+
+
+def eta(pending: List[Run], running: dict, durations: Dict[str, List[float]], workers: int) -> str:
+    """Time left: the mean duration so far of each stage (of all runs for a stage not seen yet), over workers."""
+    observed = [d for stage_durations in durations.values() for d in stage_durations]
+    if not observed:
+        return "ETA after the first run"
+
+    def mean(stage: str) -> float:
+        known = durations.get(stage, observed)
+        return sum(known) / len(known)
+
+    left = sum(mean(run.stage) for run in pending)
+    left += sum(max(mean(run.stage) - (time.time() - started), 0.0) for run, _, started, _ in running.values())
+    return f"ETA {format_duration(left / workers)}"
 
 
 def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[Tuple[Run, str]]:
-    """Runs every run not yet done, at most `workers` at a time, each once its dependencies succeeded.
+    """Runs every run still to do, at most `workers` at a time, each once the runs it needs have succeeded.
     Returns the runs that failed or could not start, with the reason."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    state = {run.id: ("done" if run.is_done() else "todo") for run in runs}
-    pending = [run for run in runs if state[run.id] == "todo"]
+    pending = runs_to_do(runs)
+    state = {run.id: "done" for run in runs}
+    state.update({run.id: "todo" for run in pending})
     total, finished, failures = len(pending), 0, []
     durations: Dict[str, List[float]] = {}
-    running: Dict[str, Tuple[Run, subprocess.Popen, float, object]] = {}
+    running: Dict[str, tuple] = {}  # run id -> (run, process, start time, log file)
     print(f"{total} runs to do, {len(runs) - total} already done; {workers} workers x {threads} thread(s); "
           f"logs in {log_dir}", flush=True)
 
-    def eta() -> str:
-        observed = [d for ds in durations.values() for d in ds]
-        if not observed:
-            return "ETA after the first run"
-        mean = lambda stage: sum(durations[stage]) / len(durations[stage]) if stage in durations else \
-            sum(observed) / len(observed)  # noqa: E731
-        left = sum(mean(run.stage) for run in pending) + sum(
-            max(mean(run.stage) - (time.time() - start), 0.0) for run, _, start, _ in running.values())
-        return f"ETA {format_duration(left / workers)}"
+    def start(run: Run):
+        if run.stage == "online":
+            prepare_online_dir(run)
+        log = open(log_dir / f"{run.id}.log", "w")
+        log.write(shlex.join(run.command) + "\n\n")
+        log.flush()
+        command = [sys.executable if part == "python" else part for part in run.command]
+        running[run.id] = (run, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+                           time.time(), log)
+        state[run.id] = "running"
+        print(f"[{finished}/{total}] start  {run.stage:8s} {run.id}", flush=True)
 
     try:
         while pending or running:
             for run in list(pending):
-                if len(running) >= workers:
-                    break
-                failed_deps = [d for d in run.deps if state[d] == "failed"]
+                failed_deps = [dep for dep in run.deps if state[dep] == "failed"]
                 if failed_deps:
                     pending.remove(run)
                     state[run.id], finished = "failed", finished + 1
                     failures.append((run, f"not started: {failed_deps[0]} failed"))
-                elif all(state[d] == "done" for d in run.deps):
+                elif len(running) < workers and all(state[dep] == "done" for dep in run.deps):
                     pending.remove(run)
-                    if run.stage == "online":
-                        prepare_online_dir(run)
-                    log = open(log_dir / f"{run.id}.log", "w")
-                    log.write(shlex.join(run.command) + "\n\n")
-                    log.flush()
-                    command = [sys.executable if part == "python" else part for part in run.command]
-                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-                    running[run.id] = (run, process, time.time(), log)
-                    state[run.id] = "running"
-                    print(f"[{finished}/{total}] start  {run.stage:8s} {run.id}", flush=True)
+                    start(run)
             time.sleep(0.2)
-            for run_id, (run, process, start, log) in list(running.items()):
+            for run_id, (run, process, started, log) in list(running.items()):
                 if process.poll() is None:
                     continue
                 log.close()
                 del running[run_id]
                 finished += 1
-                elapsed = time.time() - start
+                elapsed = time.time() - started
                 if process.returncode == 0 and (run.stage == "online" or run.is_done()):
                     if run.stage == "online":
                         (run.run_dir / "DONE").write_text(f"exit 0 after {elapsed:.0f} s\n")
                     state[run_id] = "done"
                     durations.setdefault(run.stage, []).append(elapsed)
                     print(f"[{finished}/{total}] done   {run.stage:8s} {run_id} in {format_duration(elapsed)} | "
-                          f"{eta()}", flush=True)
+                          f"{eta(pending, running, durations, workers)}", flush=True)
                 else:
                     state[run_id] = "failed"
-                    reason = (f"exit status {process.returncode}" if process.returncode else
-                              f"exit 0 but {run.outputs[0]} is missing")
+                    reason = (f"exit status {process.returncode}" if process.returncode
+                              else f"exit 0 but {run.outputs[0]} is missing")
                     failures.append((run, reason))
                     print(f"[{finished}/{total}] FAILED {run.stage:8s} {run_id} ({reason}); "
                           f"see {log_dir / f'{run_id}.log'}", flush=True)
@@ -383,14 +412,15 @@ if __name__ == "__main__":
     preset, runs_dir, checkpoint_dir = resolve(args)
     runs = plan(args.preset, preset, runs_dir, checkpoint_dir)
     if args.print_commands:
-        todo = [run for run in runs if not run.is_done()]
-        print(f"# {len(todo)} runs to do ({len(runs) - len(todo)} done); each line after the lines it needs",
-              file=sys.stderr)
+        todo = runs_to_do(runs)
+        print(f"# {len(todo)} runs to do ({len(runs) - len(todo)} done or not needed); each line comes after the "
+              "lines it needs", file=sys.stderr)
         print("\n".join(shell_line(run) for run in todo))
         raise SystemExit(0)
     if args.dry_run:
+        todo = {run.id for run in runs_to_do(runs)}
         for run in runs:
-            print(f"{'done' if run.is_done() else 'todo':4s}  {run.stage:8s}  {shlex.join(run.command)}")
+            print(f"{'todo' if run.id in todo else 'skip':4s}  {run.stage:8s}  {shlex.join(run.command)}")
         raise SystemExit(0)
     started = time.time()
     failures = execute(runs, args.workers, args.threads, Path(runs_dir) / "logs")

@@ -2,7 +2,7 @@
 PyTorch SAC update (two separate nn.Sequential critics, default Adam): the reference every ratio is taken against.
 
     python benchmark/speed.py                          # every device present (CPU, and CUDA where there is one)
-    python benchmark/speed.py --devices cpu --seconds 3 --rounds 5 --threads 2
+    python benchmark/speed.py --devices cpu --seconds 3 --rounds 5 --threads 2   # on an otherwise idle machine
 
 Measured: samg_sac / samg_td3 / samg_awac, one full update (critic, adaptive C-VAE step, actor, targets) with
 --coef-mode cvae (adaptive, the default) and --coef-mode none (no Q_off, no C-VAE work), sampled from the
@@ -12,7 +12,6 @@ alike; the table gives the median over rounds. Networks are random: speed does n
 """
 import importlib.util
 import itertools
-import math
 import statistics
 import sys
 import time
@@ -36,8 +35,9 @@ class Args:
     """length of one timed window per candidate and round"""
     rounds: int = 5
     """rounds; candidates take turns within each round"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
+    threads: int = 1
+    """torch CPU threads (0: torch's default); one by default, because on a machine shared with other work a
+    busy core stalls every multi-threaded op and the numbers become noise"""
     obs_dim: int = 11
     """observation size (11: hopper)"""
     act_dim: int = 3
@@ -48,6 +48,13 @@ class Args:
     """width of the two hidden layers"""
     pretrain: bool = True
     """also measure pretraining steps"""
+    breakdown: bool = True
+    """also measure samg_sac.py in cvae mode without the adaptive C-VAE step, and with it every 2nd update"""
+
+
+BREAKDOWN = {"--coef-mode cvae --no-adaptive": dict(coef_mode="cvae", adaptive=False),
+             "--coef-mode cvae --cvae-update-every 2": dict(coef_mode="cvae", cvae_update_every=2),
+             "--coef-mode even (Q_off, no C-VAE)": dict(coef_mode="even")}
 
 
 def load_script(name: str):
@@ -92,9 +99,9 @@ def plain_sac_step(a: Args, device):
     log_alpha = torch.zeros(1, requires_grad=True, device=device)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=3e-4)
     size = 100_000
-    data = {"obs": torch.randn(size, obs_dim, device=device), "actions": torch.rand(size, act_dim, device=device) * 2 - 1,
-            "rewards": torch.randn(size, device=device), "next_obs": torch.randn(size, obs_dim, device=device),
-            "dones": torch.zeros(size, device=device)}
+    data = {"obs": torch.randn(size, obs_dim, device=device),
+            "actions": torch.rand(size, act_dim, device=device) * 2 - 1, "rewards": torch.randn(size, device=device),
+            "next_obs": torch.randn(size, obs_dim, device=device), "dones": torch.zeros(size, device=device)}
 
     def step():
         index = torch.randint(size, (a.batch_size,), device=device)
@@ -130,9 +137,9 @@ def plain_sac_step(a: Args, device):
 
 
 # --- the scripts' own updates, called as their training loops call them ---
-def online_parts(module, a: Args, device, coef_mode: str):
+def online_parts(module, a: Args, device, flags: dict):
     """What every online script builds: args, critics (through its build_critics), C-VAE, replay buffer."""
-    args = module.Args(coef_mode=coef_mode, batch_size=a.batch_size)
+    args = module.Args(batch_size=a.batch_size, **flags)
     hidden_dims = [a.hidden, a.hidden]
     synthetic = {"critic": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).state_dict(),
                  "obs_dim": a.obs_dim, "act_dim": a.act_dim, "hidden_dims": hidden_dims}
@@ -149,7 +156,7 @@ def online_parts(module, a: Args, device, coef_mode: str):
                  cvae_optimizer=adam(cvae.parameters(), args.cvae_lr), adam=adam, hidden_dims=hidden_dims,
                  critic_metrics=module.MetricMeans(module.CRITIC_METRICS),
                  actor_metrics=module.MetricMeans(module.ACTOR_METRICS), cvae_metrics=module.MetricMeans(("cvae",)),
-                 learn_cvae=args.adaptive and coef_mode == "cvae", counter=itertools.count())
+                 learn_cvae=args.adaptive and args.coef_mode == "cvae", counter=itertools.count())
     return parts
 
 
@@ -160,8 +167,8 @@ def cvae_step(module, p, batch, td_error, num_updates):
                                                              td_error, args.mastered_quantile))
 
 
-def samg_sac_step(module, a: Args, device, coef_mode: str):
-    p = online_parts(module, a, device, coef_mode)
+def samg_sac_step(module, a: Args, device, flags: dict):
+    p = online_parts(module, a, device, flags)
     args = p["args"]
     actor = module.TanhGaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
     log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
@@ -182,8 +189,8 @@ def samg_sac_step(module, a: Args, device, coef_mode: str):
     return step
 
 
-def samg_td3_step(module, a: Args, device, coef_mode: str):
-    p = online_parts(module, a, device, coef_mode)
+def samg_td3_step(module, a: Args, device, flags: dict):
+    p = online_parts(module, a, device, flags)
     args = p["args"]
     actor = module.DeterministicActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
     actor_target = module.DeterministicActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device).requires_grad_(False)
@@ -205,8 +212,8 @@ def samg_td3_step(module, a: Args, device, coef_mode: str):
     return step
 
 
-def samg_awac_step(module, a: Args, device, coef_mode: str):
-    p = online_parts(module, a, device, coef_mode)
+def samg_awac_step(module, a: Args, device, flags: dict):
+    p = online_parts(module, a, device, flags)
     args = p["args"]
     actor = module.GaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
     actor_optimizer = p["adam"](actor.parameters(), args.actor_lr)
@@ -281,10 +288,14 @@ def measure(a: Args, device: torch.device):
     torch.manual_seed(0)
     candidates = {"plain PyTorch SAC (reference)": plain_sac_step(a, device)}
     scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step}
+    variants = {"--coef-mode cvae": dict(coef_mode="cvae"), "--coef-mode none": dict(coef_mode="none")}
     for name, make_step in scripts.items():
         module = load_script(name)
-        for coef_mode in ("cvae", "none"):
-            candidates[f"{name}.py --coef-mode {coef_mode}"] = make_step(module, a, device, coef_mode)
+        for flags, overrides in variants.items():
+            candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
+        if name == "samg_sac" and a.breakdown:  # where cvae mode's extra time goes
+            for flags, overrides in BREAKDOWN.items():
+                candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
     if a.pretrain:
         module = load_script("pretrain_offline")
         for algo in ("cql", "td3bc", "awac"):

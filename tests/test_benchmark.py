@@ -53,7 +53,8 @@ def test_every_online_run_loads_the_checkpoint_its_pretraining_run_writes(quick_
         command = run.command
         assert Path(command[command.index("--checkpoint") + 1]) == outputs[run.deps[0]]
         assert Path(command[command.index("--run-dir") + 1]) == run.run_dir == tmp_path / "runs" / run.id
-        assert command[command.index("--total-timesteps") + 1] == "10000"
+        assert command[command.index("--total-timesteps") + 1] == "15000"
+        assert command[command.index("--qoff-refresh-every") + 1] == "3000"
         assert command[command.index("--seed") + 1] == str(run.meta["seed"])
         mode = command[command.index("--coef-mode") + 1]
         assert mode == run.meta["coef_mode"] and run.meta["method"] in ("cvae", "none")
@@ -114,6 +115,15 @@ def test_print_commands_lists_only_runs_whose_results_are_missing(tmp_path):
     assert not any("make_dataset.py" in line or "medium-v0 --algo cql --seed 1 " in line for line in second)
     assert any("medium-replay-v0 --algo cql --seed 1 " in line for line in second)
     assert not any("local-pendulum-medium-v0__cql__cvae__1 " in line for line in second)
+
+
+def test_a_missing_dataset_is_not_remade_when_every_run_that_needs_it_is_done(quick_plan):
+    for run in quick_plan:
+        if run.stage == "pretrain":
+            run.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+            run.outputs[0].write_bytes(b"")
+    todo = suite.runs_to_do(quick_plan)
+    assert [run.stage for run in todo] == ["online"] * 36
 
 
 def fake_run(tmp_path, run_id, stage, code, deps=(), online=False):
@@ -197,7 +207,7 @@ def test_report_on_synthetic_logs_gives_exact_means_stds_dips_and_a_png(tmp_path
     assert (cvae["dip"], cvae["dip_std"]) == (42.0, 2.0)
     assert (none["final"], none["final_std"]) == (70.0, pytest.approx(np.sqrt(200.0)))
     assert (none["dip"], none["dip_std"]) == (15.0, pytest.approx(np.sqrt(50.0)))
-    assert "| local/pendulum/medium-v0 | cql | SAMG (C-VAE p, adaptive) | 3 | 50.0 ± 0.0 | 92.0 ± 2.0 | 42.0 ± 2.0 |" in table
+    assert "| cql | SAMG (C-VAE p, adaptive) | 3 | 50.0 ± 0.0 | 92.0 ± 2.0 | 42.0 ± 2.0 |" in table
     assert "| no guidance (p = 0) | 2 | 50.0 ± 0.0 | 70.0 ± 14.1 | 15.0 ± 7.1 |" in table
     assert (tmp_path / "out" / "results.md").read_text().endswith(table)
     assert [p.name for p in pngs] == ["curves_local-pendulum-medium-v0__cql.png"]

@@ -133,3 +133,16 @@ def test_environment_with_other_spaces_than_the_checkpoint_is_refused(workdir):
 def test_threshold_outside_the_unit_interval_is_refused(workdir, threshold):
     result = run_script("samg_sac.py", *QUICK, "--p-threshold", threshold, cwd=workdir)
     assert_one_sentence_error(result, "--p-threshold", "[0, 1]")
+
+
+def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_path):
+    result = run_script("benchmark/speed.py", "--devices", "cpu", "--seconds", 0.05, "--rounds", 1, "--hidden", 16,
+                        "--batch-size", 16, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "updates/s" not in line
+            and not line.startswith("| ---")]
+    assert rows[0].startswith("| plain PyTorch SAC (reference) |") and rows[0].endswith("| 1.00x |")
+    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py"]:
+        for coef_mode in ["cvae", "none"]:
+            assert any(row.startswith(f"| {script} --coef-mode {coef_mode} |") for row in rows)
+    assert sum("pretrain_offline.py --algo" in row for row in rows) == 3

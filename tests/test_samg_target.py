@@ -210,7 +210,9 @@ def test_even_mode_gives_one_half_to_every_sample(sac):
 
 
 def test_random_mode_draws_p_uniformly_per_sample_and_follows_the_seed(sac):
-    draw = lambda: sac.samg_coefficient("random", "latent", 0.9, None, None, torch.zeros(20000, OBS_DIM), None)  # noqa: E731
+    def draw():
+        return sac.samg_coefficient("random", "latent", 0.9, None, None, torch.zeros(20000, OBS_DIM), None)
+
     torch.manual_seed(3)
     p = draw()
     torch.manual_seed(3)
