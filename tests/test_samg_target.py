@@ -97,7 +97,7 @@ def test_sac_target_is_the_soft_target_of_the_target_critic_at_p0_and_of_q_offli
     actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(sac, 2), critics(sac, 3), certain_cvae(sac)
     log_alpha = torch.tensor(-1.5)
-    args = sac.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
+    args = sac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
     with torch.no_grad():
         torch.manual_seed(7)
         target, p, intrinsic = sac.sac_target(data, actor, critic_target, q_offline, cvae, None,
@@ -116,7 +116,7 @@ def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic
     torch.manual_seed(1)
     actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(td3, 2), critics(td3, 3), certain_cvae(td3)
-    args = td3.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
+    args = td3.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
@@ -136,7 +136,7 @@ def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(
     torch.manual_seed(1)
     actor = awac.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(awac, 2), critics(awac, 3), certain_cvae(awac)
-    args = awac.Args(coef_mode=coef_mode, p_threshold=0.0, gamma=0.9)
+    args = awac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
