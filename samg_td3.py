@@ -657,6 +657,7 @@ if __name__ == "__main__":
     refresh_q_offline = args.adaptive and args.coef_mode != "none"
 
     score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+    offline_score = score
     print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
     obs = normalize(env.reset(seed=args.seed)[0])
     start_time, global_step, num_updates, interrupted = time.time(), 0, 0, False
@@ -702,5 +703,6 @@ if __name__ == "__main__":
     env.close()
     eval_env.close()
     writer.close()
+    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
     if interrupted:
         raise SystemExit(130)
