@@ -729,8 +729,9 @@ if __name__ == "__main__":
             if time.time() - last_print > 10 or step == total_steps:
                 last_print = time.time()
                 sps = step / (last_print - start_time)
+                latest = "" if math.isnan(score) else f" | eval normalized score {score:.1f}"
                 print(f"step {step}/{total_steps} | {sps:.0f} steps/s | ETA {(total_steps - step) / sps / 60:.1f} min"
-                      f" | eval normalized score {score:.1f}", flush=True)
+                      f"{latest}", flush=True)
     except KeyboardInterrupt:
         writer.close()
         raise SystemExit(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); "
