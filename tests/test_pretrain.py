@@ -196,3 +196,61 @@ def test_the_cvae_gives_dataset_actions_higher_p_than_random_actions(minari_stor
     assert auroc(p_elbo[0].numpy(), p_elbo[1].numpy()) > 0.9
     print("AUROC elbo", auroc(p_elbo[0].numpy(), p_elbo[1].numpy()), "latent",
           auroc(p_latent[0].numpy(), p_latent[1].numpy()))
+
+
+def make_tiny_antmaze_dataset(dataset_id: str, steps: int = 120):
+    """Dict observations, as in Minari's D4RL antmaze ports, on gymnasium-robotics' AntMaze_UMaze."""
+    import gymnasium as gym
+    import gymnasium_robotics
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("AntMaze_UMaze-v5", max_episode_steps=60, continuing_task=True)
+    buffers = []
+    for episode in range(steps // 60):
+        obs, _ = env.reset(seed=episode)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        for t in range(60):
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs), actions.append(action), rewards.append(reward)
+            terminations.append(terminated), truncations.append(truncated or t == 59)
+        stacked = {key: np.asarray([o[key] for o in observations]) for key in observations[0]}
+        buffers.append(EpisodeBuffer(observations=stacked, actions=np.asarray(actions), rewards=np.asarray(rewards),
+                                     terminations=np.asarray(terminations), truncations=np.asarray(truncations)))
+    minari.create_dataset_from_buffers(dataset_id, buffers, env=env.spec, algorithm_name="tests",
+                                       ref_min_score=0.0, ref_max_score=1.0)
+    return env.observation_space
+
+
+def test_antmaze_names_resolve_to_the_d4rl_port_with_flattened_goals_and_shifted_rewards(tmp_path):
+    store = tmp_path / "store"
+    backup = dict(os.environ)
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = str(store)
+        space = make_tiny_antmaze_dataset("D4RL/antmaze/umaze-v1")
+    finally:
+        os.environ.clear()
+        os.environ.update(backup)
+    result = run_script("pretrain_offline.py", "--env-id", "antmaze-umaze-v2", "--algo", "awac", *TINY, cwd=tmp_path,
+                        env_overrides={"MINARI_DATASETS_PATH": str(store)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = po.load_checkpoint(str(tmp_path / "checkpoints" / "antmaze-umaze-v2__awac__1.pt"), "awac")
+    assert checkpoint["dataset_id"] == "D4RL/antmaze/umaze-v1" and checkpoint["gym_id"] == "AntMaze_UMaze-v5"
+    flat_dim = sum(space[key].shape[0] for key in ["observation", "achieved_goal", "desired_goal"])
+    assert checkpoint["obs_dim"] == flat_dim  # the ant's own position (achieved_goal) is kept
+    assert (checkpoint["reward_scale"], checkpoint["reward_bias"]) == (1.0, -1.0)
+    assert checkpoint["args"]["awac_lambda"] == 0.1 and checkpoint["args"]["cql_alpha"] == 10.0
+    assert checkpoint["gym_kwargs"]["continuing_task"] is True
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    try:
+        import minari
+
+        episode = next(minari.load_dataset("D4RL/antmaze/umaze-v1").iterate_episodes())
+        flat = po.load_dataset("D4RL/antmaze/umaze-v1")["observations"][0]
+    finally:
+        os.environ.clear()
+        os.environ.update(backup)
+    parts = [episode.observations[key][0] for key in ["observation", "achieved_goal", "desired_goal"]]
+    np.testing.assert_allclose(flat, np.concatenate(parts).astype(np.float32))
