@@ -155,8 +155,9 @@ def test_ctrl_c_leaves_no_checkpoint_and_exits_non_zero(minari_store, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     process = subprocess.Popen([sys.executable, str(ROOT / "pretrain_offline.py"), "--env-id", "hopper-medium-v2",
                                 "--algo", "td3bc", "--total-steps", "1000000", "--hidden-dims", "64", "64"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a CI runner may start us with SIGINT ignored; a user's terminal never does
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("runs/*/events*")):
         time.sleep(0.5)  # training has started once the TensorBoard file exists
