@@ -417,11 +417,13 @@ def with_medium_expert_pair(dataset_id: str, quality: str) -> list:
     return candidates
 
 
-def combine(dataset_ids: list, new_id: str, local: set) -> str:
+def combine(dataset_ids: list, local: set) -> str:
+    """One id is returned as it is; a medium + expert pair becomes (once) the medium-expert id beside them."""
     import minari
 
     if len(dataset_ids) == 1:
         return dataset_ids[0]
+    new_id = dataset_ids[0].replace("/medium-v", "/medium-expert-v")
     if new_id not in local:
         print(f"combining {' + '.join(dataset_ids)} into {new_id}")
         try:
@@ -447,13 +449,11 @@ def resolve_dataset(env_id: str, download: bool) -> str:
             fail(f"unknown --env-id {env_id!r}; use {ACCEPTED_IDS}")
         env, quality = parsed
         hosted = hosted_equivalents(env, quality)
-        me_id = {"mujoco": f"mujoco/{env}/medium-expert-v0"}
-        sources = [*with_medium_expert_pair(f"d4rl/{env}/{quality}-v2", quality), [*hosted],
+        sources = [*with_medium_expert_pair(f"d4rl/{env}/{quality}-v2", quality), hosted,
                    *with_medium_expert_pair(f"local/{env}/{quality}-v0", quality)]
         for ids in sources:
             if ids and all(i in local for i in ids):
-                return combine(ids, ids[0].split("/")[0] == "mujoco" and me_id["mujoco"]
-                               or ids[0].replace("/medium-v", "/medium-expert-v"), local)
+                return combine(ids, local)
         ways = (f"import the original D4RL file with `python make_dataset.py --from-d4rl FILE.hdf5 --env-id {env_id}`, "
                 + (f"connect to the internet so Minari can download {' and '.join(hosted)}, " if hosted else
                    "(Minari hosts no port of this dataset) ")
@@ -466,7 +466,7 @@ def resolve_dataset(env_id: str, download: bool) -> str:
                     minari.download_dataset(dataset_id)
         except Exception as exc:
             fail(f"no local dataset for {env_id} and the download failed ({str(exc).splitlines()[0]}); {ways}")
-        return combine(hosted, f"{hosted[0].rsplit('/', 1)[0]}/medium-expert-v0", set(minari.list_local_datasets()))
+        return combine(hosted, set(minari.list_local_datasets()))
     fail(f"no local dataset for {env_id} in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}; {ways}")
 
 
@@ -723,9 +723,7 @@ if __name__ == "__main__":
                     writer.add_scalar(name, value.item(), step)
                 writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
             if step % args.eval_freq == 0 or step == total_steps:
-                actor.eval()
                 score = run_evaluation(step)
-                actor.train()
             if time.time() - last_print > 10 or step == total_steps:
                 last_print = time.time()
                 sps = step / (last_print - start_time)
