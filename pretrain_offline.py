@@ -11,6 +11,8 @@ import math
 import os
 import random
 import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -155,6 +157,85 @@ def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The networks act in [-1, 1]; the environment gets [low, high]."""
     return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+# --- end shared ---
+
+
+# --- shared: checks, logs and progress ---
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
+             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
+    for fields, allowed, what in rules:
+        for field in fields:
+            value = getattr(args, field)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
+                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
+
+
+def check_writable(directory: str, flag_name: str):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
+    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+
+
+def exit_quietly_on_interrupt(exc_type, exc, traceback):
+    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    sys.__excepthook__(exc_type, exc, traceback)
+
+
+def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
+    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=settings, name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    days, seconds = divmod(seconds, 86_400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{days}d {clock}" if days else clock
+
+
+class Progress:
+    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
+    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.last_time, self.last_step = time.time(), 0
+
+    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
+        """Prints if it is time and returns the recent steps per second, else returns None."""
+        now = time.time()
+        if not (force or step == self.total or now - self.last_time >= self.every):
+            return None
+        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = duration((self.total - step) / sps) if sps > 0 else "?"
+        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
+        self.last_time, self.last_step = now, step
+        return sps
 # --- end shared ---
 
 
