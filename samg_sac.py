@@ -9,6 +9,7 @@ state-action coefficient p(s, a) from the offline C-VAE (`samg_coefficient`, `gu
 """
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import random
@@ -61,21 +62,38 @@ class OnlineArgs:
     actor_lr: float = 3e-4
     """actor learning rate"""
     coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
-    """p(s, a): cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    """p: cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    p_at: Literal["sample", "next", "both"] = "next"
+    """the pair p is evaluated at: sample (s, a) as the paper's text indexes it, next (s', a') whose Q_off value
+    enters the target, or both (their product) [our choice of default, by benchmark/results: see README]"""
     p_estimator: Literal["latent", "elbo"] = "elbo"
     """p_vae from the C-VAE: elbo (rank among offline negative ELBOs; the default, by benchmark/ood.py) or latent"""
     p_threshold: float = 0.2
     """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
+    p_fade: Literal["none", "outgrown", "linear"] = "none"
+    """lower p where the agent has outgrown Q_off: outgrown (p = 0 where Qbar(s', a') exceeds Q_off(s', a') by more
+    than the recent mean |TD error|), linear (p x max(0, 1 - step / --p-fade-steps)) [our choice]"""
+    p_fade_steps: int = 100_000
+    """linear fade: environment steps after which p is 0"""
     adaptive: bool = True
-    """the C-VAE learns on mastered samples and Q_off is refreshed from the online critic (no: both frozen)"""
+    """the adaptive update: both halves below (no: the C-VAE, its reference and Q_off stay frozen)"""
+    cvae_learning: bool = True
+    """adaptive half (a): the C-VAE learns on mastered samples, and the elbo reference is re-ranked as it learns"""
+    qoff_refresh: bool = True
+    """adaptive half (b): copy the online critic into Q_off every --qoff-refresh-every steps"""
     mastered_quantile: float = 0.5
     """share of each batch, lowest |TD error| first, that counts as mastered"""
     cvae_update_every: int = 1
     """adaptive: one C-VAE step on the mastered samples every this many updates"""
     cvae_lr: float = 1e-3
     """adaptive: C-VAE learning rate"""
+    recalibrate_every: int = 50
+    """adaptive: re-rank the elbo reference (the checkpoint's offline reservoir) every this many C-VAE steps"""
     qoff_refresh_every: int = 50_000
     """adaptive: copy the online critic into Q_off every this many environment steps"""
+    offline_data_ratio: float = 0.0
+    """share of every batch drawn from the checkpoint's offline dataset (0: SAMG's 100% online data; 0.5: the
+    baseline that keeps the data, as RLPD's symmetric sampling); only this flag ever reads offline data online"""
     eval_freq: int = 5000
     """evaluate the deterministic policy at step 0 and every this many steps"""
     eval_episodes: int = 10
@@ -376,7 +394,60 @@ def load_checkpoint(path: str, algo: str) -> dict:
     if checkpoint["algo"] != algo:
         fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
              f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    check_checkpoint_fields(checkpoint, path)
     return checkpoint
+
+
+def check_checkpoint_fields(checkpoint: dict, path: str):
+    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
+    checkpoint is one sentence here instead of a traceback or silent nan later."""
+    def bad(key: str, what: str):
+        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
+
+    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape is not None and tuple(value.shape) != shape:
+            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
+        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if positive else ""))
+        return value
+
+    for key in ("obs_dim", "act_dim", "latent_dim"):
+        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
+            bad(key, f"{checkpoint[key]!r} is not a positive integer")
+    hidden = checkpoint["hidden_dims"]
+    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
+        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
+    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
+        bad("gym_id or gym_kwargs", "not a string and a dict")
+    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
+    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
+    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
+    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
+                                                                                  checkpoint["action_high"], (act_dim,))
+    if not (low < high).all():
+        bad("action_low", "not below action_high everywhere")
+    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
+        tensor(key, checkpoint[key], ())
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
+        bad("log_alpha", "not a single number")
+    calibration = checkpoint["cvae_calibration"]
+    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
+        bad("cvae_calibration", "no neg_elbo_quantiles")
+    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
+    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
+        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
+    if "reservoir_obs" in calibration:
+        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
+        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
+        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
+        if count < 2:
+            bad("reservoir_obs", "fewer than two pairs")
 
 
 def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
@@ -419,8 +490,8 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 
 # --- shared: SAMG target ---
 def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
-                     neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """p(s, a) in [0, 1]: how far the Bellman target of the sample (s, a) trusts the frozen offline critic."""
+                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
     batch = obs.shape[0]
     if coef_mode == "none":
         return obs.new_zeros(batch)
@@ -431,8 +502,59 @@ def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae:
     if p_estimator == "latent":
         p_vae = p_latent(cvae, obs, actions)
     else:
-        p_vae = p_elbo(cvae, neg_elbo_quantiles, obs, actions)
+        p_vae = p_elbo(cvae, neg_elbo_reference, obs, actions)
     return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
+
+
+class Guidance:
+    """What p needs beyond the batch: the C-VAE, the sorted negative ELBOs its elbo estimate is ranked against, and
+    the state of the fade. The reference is re-ranked on the checkpoint's reservoir of offline pairs whenever the
+    C-VAE learns, so a pair's p keeps meaning "as familiar as that share of the offline data" (the reservoir is
+    never used to train anything)."""
+
+    def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
+        self.args, self.cvae = args, cvae
+        self.reservoir = None
+        if "reservoir_obs" in calibration:
+            self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
+            self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
+            self.recalibrate()
+        else:  # an older checkpoint: the fixed offline calibration
+            self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
+        self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
+        self.scale = torch.ones((), device=device)  # the linear fade's factor, set by the training loop
+
+    @torch.no_grad()
+    def recalibrate(self):
+        if self.reservoir is not None:
+            self.neg_elbo_reference.copy_(negative_elbo(self.cvae, *self.reservoir).sort().values)
+
+    @torch.no_grad()
+    def observe(self, td_error: torch.Tensor):
+        mean = td_error.mean()
+        self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
+                                               self.recent_td_error.lerp(mean, 0.01)))
+
+    def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
+        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded."""
+        obs, actions, _, next_obs, _ = batch
+        args = self.args
+
+        def at(o, a):
+            return samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, self.cvae,
+                                    self.neg_elbo_reference, o, a)
+
+        if args.coef_mode != "cvae" or args.p_at == "sample":
+            p = at(obs, actions)
+        elif args.p_at == "next":
+            p = at(next_obs, next_actions)
+        else:
+            p = at(obs, actions) * at(next_obs, next_actions)
+        if args.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
+            p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
+        elif args.p_fade == "linear":
+            p = p * self.scale
+        return p
 
 
 def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
@@ -440,12 +562,27 @@ def guided_target(reward, done, gamma: float, next_value_target, next_value_offl
     return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
 
 
-def next_values(critic_target: nn.Module, q_offline: nn.Module, next_obs, next_actions, coef_mode: str):
-    """min over members of Qbar(s', a') and of Q_off(s', a'); with coef-mode none p = 0, so Q_off is skipped."""
+SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
+                "samg/qoff_above_frac")
+
+
+def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
+                guidance: Guidance, gamma: float, diagnose: bool):
+    """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
+    Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
+    asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
+    _, _, rewards, next_obs, dones = batch
     next_value_target = critic_target(next_obs, next_actions).min(0).values
-    if coef_mode == "none":
-        return next_value_target, next_value_target
-    return next_value_target, q_offline(next_obs, next_actions).min(0).values
+    if guidance.args.coef_mode == "none" and not diagnose:
+        p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
+        return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
+    next_value_offline = q_offline(next_obs, next_actions).min(0).values
+    p = guidance.p(batch, next_actions, next_value_target, next_value_offline)
+    target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
+    intrinsic = gamma * p * (next_value_offline - next_value_target)
+    metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
+                           next_value_target.mean(), (next_value_offline > next_value_target).float().mean()])
+    return target, p, metrics
 
 
 def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
@@ -462,7 +599,7 @@ def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, 
 
 # --- shared: online training ---
 class ReplayBuffer:
-    """Online transitions only, preallocated on the training device; one row holds [s, a, r, s', done]."""
+    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
@@ -482,19 +619,30 @@ class ReplayBuffer:
         return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
 
 
-CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values", "samg/p_mean", "samg/p_active_frac", "samg/intrinsic")
+def sample_batch(replay: ReplayBuffer, offline: Optional[ReplayBuffer], batch_size: int, offline_ratio: float):
+    """The online replay's batch; with --offline-data-ratio, that share of it comes from the offline data instead
+    (symmetric sampling, as RLPD does)."""
+    if offline is None:
+        return replay.sample(batch_size)
+    num_offline = round(offline_ratio * batch_size)
+    return tuple(torch.cat(parts) for parts in zip(replay.sample(batch_size - num_offline),
+                                                   offline.sample(num_offline)))
 
 
-def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target, p, intrinsic):
+CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values")
+
+
+def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
     """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
-    steps) and each sample's |TD error| (mean over members) for the adaptive C-VAE."""
+    steps; the loss is the mean over members, as CleanRL logs it) and each sample's |TD error| (mean over
+    members) for the adaptive C-VAE."""
     q_values = critic(obs, actions)
     qf_loss = (q_values - target).pow(2).mean(1).sum()
     critic_optimizer.zero_grad()
     qf_loss.backward()
     critic_optimizer.step()
     q_values = q_values.detach()
-    metrics = torch.stack([qf_loss.detach(), q_values.mean(), p.mean(), (p > 0).float().mean(), intrinsic.mean()])
+    metrics = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
     return metrics, (q_values - target).abs().mean(0)
 
 
@@ -515,9 +663,10 @@ class MetricMeans:
     def __init__(self, names):
         self.names, self.total, self.count = names, None, 0
 
-    def add(self, values: torch.Tensor):
-        self.total = values.clone() if self.total is None else self.total + values
-        self.count += 1
+    def add(self, values: Optional[torch.Tensor]):
+        if values is not None:
+            self.total = values.clone() if self.total is None else self.total + values
+            self.count += 1
 
     def write(self, writer: SummaryWriter, step: int):
         if self.count:
@@ -527,18 +676,77 @@ class MetricMeans:
 # --- end shared ---
 
 
+# --- shared: offline dataset ---
+def load_dataset(dataset_id: str) -> dict:
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
+    checkpoint records (environment, action bounds, reference scores)."""
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except Exception as exc:
+        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {exc}); delete it from the Minari "
+             "store and make, import or download it again")
+    space = dataset.spec.action_space
+    if not isinstance(space, gym.spaces.Box):
+        fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous (Box) "
+             "actions; use a dataset of a continuous-control environment")
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
+    for episode in dataset.iterate_episodes():
+        observations = flatten_obs(episode.observations)
+        parts["observations"].append(observations[:-1])
+        parts["next_observations"].append(observations[1:])
+        parts["actions"].append(episode.actions)
+        parts["rewards"].append(episode.rewards)
+        parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
+    if sum(len(r) for r in parts["rewards"]) == 0:
+        fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
+    data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
+    for key, value in data.items():
+        if not np.isfinite(value).all():
+            fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
+        recovered = dataset.recover_environment(eval_env=True)
+        env_spec = recovered.spec
+        recovered.close()
+    except Exception as exc:
+        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
+    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
+    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
+    if env_spec.max_episode_steps is not None:
+        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
+    metadata = dataset.storage.metadata
+    ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
+    if None in ref_scores:
+        print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
+        ref_scores = (0.0, 100.0)
+    return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
+                action_low=np.asarray(space.low, dtype=np.float32), action_high=np.asarray(space.high, dtype=np.float32),
+                ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+# --- end shared ---
+
+
 # --- shared: online setup ---
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
 
 
 def load_online_checkpoint(args, algo: str):
-    """Checks the arguments, then loads the offline checkpoint; the offline dataset itself is never read."""
-    if not 0.0 <= args.p_threshold <= 1.0:
-        fail(f"--p-threshold is {args.p_threshold} but must lie in [0, 1]")
-    if not 0.0 < args.mastered_quantile <= 1.0:
-        fail(f"--mastered-quantile is {args.mastered_quantile} but must lie in (0, 1]")
+    """Checks the arguments and the output place, then loads the offline checkpoint and checks its fields."""
+    check_numbers(args, positive=("total_timesteps", "utd", "batch_size", "critic_lr", "actor_lr", "cvae_lr",
+                                  "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
+                                  "eval_freq", "eval_episodes", "log_freq", "num_critics"),
+                  non_negative=("seed", "learning_starts"),
+                  unit_interval=("gamma", "tau", "p_threshold", "mastered_quantile", "offline_data_ratio"))
+    if args.mastered_quantile == 0.0:
+        fail("--mastered-quantile is 0 but must be in (0, 1]: the C-VAE needs at least one mastered sample")
+    if args.offline_data_ratio == 1.0:
+        fail("--offline-data-ratio is 1 but must be below 1: some of every batch has to be online data")
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts is {args.learning_starts} but must be below --total-timesteps "
+             f"({args.total_timesteps}), or no update would happen")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         fail("--capture-video needs moviepy; install it with `pip install moviepy` or leave out --capture-video")
+    check_writable(args.run_dir, "--run-dir")
     path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; make it with "
@@ -547,11 +755,13 @@ def load_online_checkpoint(args, algo: str):
 
 
 def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
-    """The online environment must have the observation and action spaces the checkpoint was trained for."""
+    """The online environment must have the observation and action spaces the checkpoint was trained for. Another
+    --gym-id than the checkpoint's gets that env's own registered settings, not the checkpoint's gym_kwargs."""
+    gym_kwargs = checkpoint["gym_kwargs"] if gym_id == checkpoint["gym_id"] else {}
     try:
-        env = make_env(gym_id, checkpoint["gym_kwargs"], seed, render_mode)
-    except gym.error.Error as exc:
-        fail(f"cannot make the environment {gym_id} ({exc}); check --gym-id")
+        env = make_env(gym_id, gym_kwargs, seed, render_mode)
+    except (gym.error.Error, TypeError, ValueError) as exc:
+        fail(f"cannot make the environment {gym_id} with {gym_kwargs} ({exc}); check --gym-id and the checkpoint")
     obs_dim, action_space = flatten_obs(env.observation_space.sample()).shape[-1], env.action_space
     if obs_dim != checkpoint["obs_dim"] or action_space.shape != (checkpoint["act_dim"],):
         fail(f"{gym_id} has {obs_dim}-d observations and {action_space.shape} actions but {path} was trained on "
@@ -581,25 +791,27 @@ def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, devic
     return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
 
 
+def method_name(args) -> str:
+    """What the run does, for its name: e.g. cvae-next-adaptive, even-static, none, none-offline0.5."""
+    if args.coef_mode == "none":
+        name = "none"
+    else:
+        name = "-".join([args.coef_mode] + ([args.p_at] if args.coef_mode == "cvae" else [])
+                        + ["adaptive" if args.adaptive else "static"]
+                        + ([f"fade-{args.p_fade}"] if args.p_fade != "none" else []))
+    return name + (f"-offline{args.offline_data_ratio:g}" if args.offline_data_ratio > 0 else "")
+
+
 def start_run(args, checkpoint: dict, path: str):
-    """Seeds everything, names the run, opens TensorBoard (and wandb with --track), logs the hyperparameters."""
+    """Seeds everything, names the run after the method, opens its log with the hyperparameters."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{method_name(args)}__{args.seed}__{int(time.time())}"
     settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
                 "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
                 "offline_normalized_score": checkpoint["offline_normalized_score"]}
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-    return run_name, writer
+    return run_name, open_run_log(args, run_name, settings)
 
 
 def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
@@ -650,15 +862,40 @@ class EpisodeLog:
             self.episode_return, self.length, self.success = 0.0, 0, 0.0
 
 
-def log_progress(writer: SummaryWriter, metric_means, global_step: int, args, start_time: float, score: float):
-    """Writes the averaged losses and SPS, and prints where the run stands."""
+def log_progress(writer: SummaryWriter, metric_means, global_step: int, progress: Progress, score: float):
+    """Writes the averaged losses and the recent SPS, and prints where the run stands."""
     for metrics in metric_means:
         metrics.write(writer, global_step)
-    sps = global_step / (time.time() - start_time)
+    sps = progress.update(global_step, f"last eval score {score:.1f}", force=True)
     writer.add_scalar("charts/SPS", int(sps), global_step)
-    eta = time.strftime("%H:%M:%S", time.gmtime((args.total_timesteps - global_step) / max(sps, 1e-9)))
-    print(f"step {global_step}/{args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {score:.1f}",
-          flush=True)
+
+
+def offline_replay(args, checkpoint: dict, device: torch.device) -> Optional[ReplayBuffer]:
+    """With --offline-data-ratio > 0, the checkpoint's dataset with the checkpoint's transforms (normalised states,
+    actions in [-1, 1], training rewards); otherwise None, and the dataset is never opened."""
+    if args.offline_data_ratio == 0.0:
+        return None
+    import minari
+
+    if checkpoint["dataset_id"] not in minari.list_local_datasets():
+        fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which is not in the "
+             "Minari store; make or import it again, or leave out --offline-data-ratio")
+    data = load_dataset(checkpoint["dataset_id"])
+    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    low, high = np.asarray(checkpoint["action_low"]), np.asarray(checkpoint["action_high"])
+    if data["observations"].shape[1] != checkpoint["obs_dim"] or data["actions"].shape[1] != checkpoint["act_dim"]:
+        fail(f"dataset {checkpoint['dataset_id']} does not have the checkpoint's observation and action sizes; "
+             "leave out --offline-data-ratio or pretrain again on it")
+    columns = [(data["observations"] - mean) / std, np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1, 1),
+               data["rewards"][:, None] * checkpoint["reward_scale"] + checkpoint["reward_bias"],
+               (data["next_observations"] - mean) / std, data["terminals"][:, None]]
+    rows = torch.as_tensor(np.concatenate(columns, axis=1), dtype=torch.float32, device=device)
+    replay = ReplayBuffer(len(rows), checkpoint["obs_dim"], checkpoint["act_dim"], device)
+    replay.rows.copy_(rows)
+    replay.size = len(rows)
+    print(f"--offline-data-ratio {args.offline_data_ratio}: {len(rows)} offline transitions from "
+          f"{checkpoint['dataset_id']}", flush=True)
+    return replay
 
 
 def compiled(args, *update_functions):
@@ -680,26 +917,22 @@ def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, n
 # --- end shared ---
 
 
-def sac_target(batch, actor: TanhGaussianActor, critic_target: CriticEnsemble, q_offline: CriticEnsemble, cvae: CVAE,
-               neg_elbo_quantiles: torch.Tensor, log_alpha: torch.Tensor, args: Args):
+def sac_target(batch, actor: TanhGaussianActor, critic_target: CriticEnsemble, q_offline: CriticEnsemble,
+               guidance: Guidance, log_alpha: torch.Tensor, gamma: float, diagnose: bool):
     """SAC's soft target with SAMG's mix; the entropy bonus is in both next values, so the mix leaves it whole."""
-    obs, actions, rewards, next_obs, dones = batch
-    next_actions, next_log_prob, _ = actor(next_obs)
-    entropy_bonus = -log_alpha.exp() * next_log_prob
-    p = samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, cvae, neg_elbo_quantiles, obs, actions)
-    next_value_target, next_value_offline = next_values(critic_target, q_offline, next_obs, next_actions,
-                                                        args.coef_mode)
-    target = guided_target(rewards, dones, args.gamma, next_value_target + entropy_bonus,
-                           next_value_offline + entropy_bonus, p)
-    return target, p, args.gamma * p * (next_value_offline - next_value_target)
+    next_actions, next_log_prob, _ = actor(batch[3])
+    return samg_target(batch, next_actions, -log_alpha.exp() * next_log_prob, critic_target, q_offline, guidance,
+                       gamma, diagnose)
 
 
-def update_critic(batch, actor, critic, critic_target, q_offline, cvae, neg_elbo_quantiles, log_alpha,
-                  critic_optimizer, args: Args):
+def update_critic(batch, actor, critic, critic_target, q_offline, guidance, log_alpha, critic_optimizer, gamma: float,
+                  diagnose: bool):
     with torch.no_grad():
-        target, p, intrinsic = sac_target(batch, actor, critic_target, q_offline, cvae, neg_elbo_quantiles, log_alpha,
-                                          args)
-    return critic_step(critic, critic_optimizer, batch[0], batch[1], target, p, intrinsic)
+        target, p, samg_metrics = sac_target(batch, actor, critic_target, q_offline, guidance, log_alpha, gamma,
+                                             diagnose)
+    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
+    guidance.observe(td_error)
+    return metrics, samg_metrics, td_error, p
 
 
 def update_actor(obs, actor, critic, log_alpha, actor_optimizer, alpha_optimizer, target_entropy: float):
@@ -721,7 +954,9 @@ ACTOR_METRICS = ("losses/actor_loss", "losses/alpha")
 
 
 if __name__ == "__main__":
+    sys.excepthook = exit_quietly_on_interrupt
     args = tyro.cli(Args)
+    check_numbers(args, positive=("alpha_lr",))
     checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
     if "log_alpha" not in checkpoint:
         fail(f"{checkpoint_path} lacks log_alpha, which every cql checkpoint has; rewrite it with pretrain_offline.py")
@@ -736,7 +971,7 @@ if __name__ == "__main__":
     critic, critic_target, q_offline = build_critics(checkpoint, args.num_critics, checkpoint_path, device)
     cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
                   checkpoint_path, device)
-    neg_elbo_quantiles = checkpoint["cvae_calibration"]["neg_elbo_quantiles"].to(device)
+    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
     log_alpha = torch.tensor(float(checkpoint["log_alpha"]), device=device, requires_grad=True)
     target_entropy = -float(act_dim)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
@@ -748,20 +983,20 @@ if __name__ == "__main__":
     target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
 
     replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
+    offline = offline_replay(args, checkpoint, device)
     normalize = observation_normalizer(checkpoint)
     low, high = env.action_space.low, env.action_space.high
     episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
     critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
-    cvae_metrics = MetricMeans(("samg/cvae_loss",))
-    learn_cvae = args.adaptive and args.coef_mode == "cvae"  # the C-VAE only matters where it gives p
-    refresh_q_offline = args.adaptive and args.coef_mode != "none"
+    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
+    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
+    refresh_q_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
 
-    score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
-    offline_score = score
-    print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
-    obs = normalize(env.reset(seed=args.seed)[0])
-    start_time, global_step, num_updates, interrupted = time.time(), 0, 0, False
+    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
     try:
+        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+        obs = normalize(env.reset(seed=args.seed)[0])
         for global_step in range(1, args.total_timesteps + 1):
             with torch.no_grad():  # the pretrained policy explores from the first step on
                 action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
@@ -772,28 +1007,37 @@ if __name__ == "__main__":
             replay.add(obs, action, training_reward, next_obs, terminated)
             episodes.step(reward, info, terminated or truncated, global_step)
             obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
+            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
 
             if global_step > args.learning_starts:
+                if args.p_fade == "linear":
+                    guidance.scale.fill_(max(0.0, 1.0 - global_step / args.p_fade_steps))
                 for _ in range(args.utd):
-                    batch = replay.sample(args.batch_size)
-                    metrics, td_error = update_critic(batch, actor, critic, critic_target, q_offline, cvae,
-                                                      neg_elbo_quantiles, log_alpha, critic_optimizer, args)
+                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
+                    metrics, samg, td_error, p = update_critic(batch, actor, critic, critic_target, q_offline,
+                                                               guidance, log_alpha, critic_optimizer, args.gamma,
+                                                               diagnose=log_step)
                     critic_metrics.add(metrics)
+                    samg_metrics.add(samg)
                     if learn_cvae and num_updates % args.cvae_update_every == 0:
                         cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
                                                      args.mastered_quantile))
+                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
+                            guidance.recalibrate()
                     actor_metrics.add(update_actor(batch[0], actor, critic, log_alpha, actor_optimizer,
                                                    alpha_optimizer, target_entropy))
                     soft_update(target_params, online_params, args.tau)
                     num_updates += 1
+                if log_step and args.coef_mode != "none":
+                    writer.add_histogram("samg/p", p, global_step)
             if refresh_q_offline and global_step % args.qoff_refresh_every == 0:
                 q_offline.load_state_dict(critic.state_dict())
 
             if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
                 score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
-            if global_step % args.log_freq == 0 or global_step == args.total_timesteps:
-                log_progress(writer, (critic_metrics, actor_metrics, cvae_metrics), global_step, args, start_time,
-                             score)
+            if log_step:
+                log_progress(writer, (critic_metrics, actor_metrics, samg_metrics, cvae_metrics), global_step,
+                             progress, score)
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
@@ -803,6 +1047,6 @@ if __name__ == "__main__":
     env.close()
     eval_env.close()
     writer.close()
-    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
     if interrupted:
         raise SystemExit(130)
+    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
