@@ -55,7 +55,8 @@ def test_script_fine_tunes_past_learning_starts_evaluates_logs_and_saves_a_reloa
     assert [step for step, _ in logged["samg/p_mean"]] == [200, 300, 400]  # updates start after step 100
     assert all(0.0 <= value <= 1.0 for _, value in logged["samg/p_mean"] + logged["samg/p_active_frac"])
     for tag in ["losses/qf_loss", "losses/actor_loss", "losses/qf_values", "samg/intrinsic", "samg/cvae_loss",
-                "charts/episodic_return", "charts/SPS", "eval/return"]:
+                "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "charts/episodic_return",
+                "charts/SPS", "eval/return"]:
         assert tag in logged, f"{tag} missing"
     assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/qf_loss"])
 
@@ -146,3 +147,104 @@ def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_
         for coef_mode in ["cvae", "none"]:
             assert any(row.startswith(f"| {script} --coef-mode {coef_mode} |") for row in rows)
     assert sum("pretrain_offline.py --algo" in row for row in rows) == 3
+
+
+# --- bad input: each case is a command and the sentence it must print; nothing is run or written ---
+FLAG_CASES = [
+    ("samg_sac.py", ["--batch-size", 0], "--batch-size is 0 but must be positive"),
+    ("samg_sac.py", ["--eval-freq", 0], "--eval-freq is 0 but must be positive"),
+    ("samg_td3.py", ["--log-freq", 0], "--log-freq is 0 but must be positive"),
+    ("samg_td3.py", ["--policy-freq", 0], "--policy-freq is 0 but must be positive"),
+    ("samg_awac.py", ["--cvae-update-every", 0], "--cvae-update-every is 0 but must be positive"),
+    ("samg_awac.py", ["--qoff-refresh-every", 0], "--qoff-refresh-every is 0 but must be positive"),
+    ("samg_sac.py", ["--total-timesteps", -10], "--total-timesteps is -10 but must be positive"),
+    ("samg_sac.py", ["--num-critics", -1], "--num-critics is -1 but must be positive"),
+    ("samg_td3.py", ["--seed", -1], "--seed is -1 but must be zero or more"),
+    ("samg_td3.py", ["--utd", 0], "--utd is 0 but must be positive"),
+    ("samg_awac.py", ["--eval-episodes", 0], "--eval-episodes is 0 but must be positive"),
+    ("samg_sac.py", ["--gamma", "nan"], "--gamma is nan but must be in [0, 1]"),
+    ("samg_sac.py", ["--total-timesteps", 400, "--learning-starts", 500], "must be below --total-timesteps (400)"),
+    ("samg_td3.py", ["--offline-data-ratio", 1], "--offline-data-ratio is 1 but must be below 1"),
+    ("samg_awac.py", ["--awac-lambda", 0], "--awac-lambda is 0.0 but must be positive"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", FLAG_CASES)
+def test_numeric_flag_out_of_range_is_one_sentence_naming_the_flag(workdir, tmp_path, script, flags, message):
+    result = run_script(script, *QUICK, *flags, "--run-dir", tmp_path / "runs", cwd=workdir)
+    assert_one_sentence_error(result, message)
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+
+
+def test_run_dir_blocked_by_a_file_is_refused_before_any_work(workdir, tmp_path):
+    (tmp_path / "blocked").write_text("a file in the way")
+    result = run_script("samg_td3.py", *QUICK, "--run-dir", tmp_path / "blocked" / "runs", cwd=workdir)
+    assert_one_sentence_error(result, "cannot write to", "--run-dir")
+
+
+def test_offline_data_ratio_without_the_dataset_is_one_sentence(workdir, tmp_path):
+    result = run_script("samg_td3.py", *QUICK, "--offline-data-ratio", 0.5, "--run-dir", tmp_path, cwd=workdir,
+                        env_overrides={"MINARI_DATASETS_PATH": str(tmp_path / "empty-store")})
+    assert_one_sentence_error(result, "--offline-data-ratio", ENV_ID, "not in the Minari store")
+
+
+def damaged(checkpoint: dict, key: str, value):
+    checkpoint = dict(checkpoint)
+    if key == "neg_elbo_quantiles":
+        checkpoint["cvae_calibration"] = {k: v for k, v in checkpoint["cvae_calibration"].items() if k != key}
+        if value is not None:
+            checkpoint["cvae_calibration"][key] = value
+    else:
+        checkpoint[key] = value
+    return checkpoint
+
+
+CHECKPOINT_CASES = [
+    ("obs_mean", torch.zeros(3), "bad obs_mean (shape (3,) where (11,) is needed)"),
+    ("obs_std", torch.zeros(11), "bad obs_std (values that are not finite and positive)"),
+    ("action_low", torch.zeros(2), "bad action_low (shape (2,) where (3,) is needed)"),
+    ("neg_elbo_quantiles", None, "bad cvae_calibration (no neg_elbo_quantiles)"),
+    ("neg_elbo_quantiles", torch.zeros(4, 2), "bad neg_elbo_quantiles (not a sorted 1-d list"),
+    ("neg_elbo_quantiles", torch.zeros(0), "bad neg_elbo_quantiles (not a sorted 1-d list"),
+    ("log_alpha", torch.zeros(3), "bad log_alpha (not a single number)"),
+    ("ref_max_score", -20.272305, "bad ref_max_score (equal to ref_min_score"),
+    ("reward_scale", float("inf"), "bad reward_scale (values that are not finite)"),
+    ("gym_kwargs", {"no_such_option": 1}, "cannot make the environment Hopper-v5"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", CHECKPOINT_CASES)
+def test_damaged_checkpoint_field_is_one_sentence_naming_it(workdir, tmp_path, key, value, message):
+    checkpoint = torch.load(checkpoint_path(workdir, "cql"), weights_only=True)
+    if key == "ref_max_score":
+        checkpoint["ref_min_score"] = value
+    torch.save(damaged(checkpoint, key, value), tmp_path / "damaged.pt")
+    result = run_script("samg_sac.py", *QUICK, "--checkpoint", tmp_path / "damaged.pt", "--run-dir", tmp_path / "runs",
+                        cwd=workdir)
+    assert_one_sentence_error(result, message)
+
+
+def test_ctrl_c_during_the_first_evaluation_exits_130_with_one_line_and_saves_the_model(workdir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run_dir = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "samg_td3.py"), *QUICK, "--eval-episodes", "10000", "--save-model",
+         "--run-dir", str(run_dir)], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("*/events.out.tfevents.*")):
+        time.sleep(0.2)
+    time.sleep(3.0)  # the step-0 evaluation of 10,000 episodes is under way
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at step 0" in stdout
+    (run,) = os.listdir(run_dir)
+    assert torch.load(run_dir / run / "model.pt", weights_only=True)["online_steps"] == 0

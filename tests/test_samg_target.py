@@ -56,6 +56,12 @@ def certain_cvae(module):
     return cvae
 
 
+def guidance(module, cvae=None, quantiles=None, **args):
+    """The Guidance of an online script with these Args fields, ranked against `quantiles` (no reservoir)."""
+    calibration = {"neg_elbo_quantiles": torch.arange(10.0) if quantiles is None else quantiles}
+    return module.Guidance(module.Args(**args), cvae, calibration, torch.device("cpu"))
+
+
 def critics(module, seed):
     torch.manual_seed(seed)
     return module.CriticEnsemble(OBS_DIM, ACT_DIM, HIDDEN, 2)
@@ -97,17 +103,17 @@ def test_sac_target_is_the_soft_target_of_the_target_critic_at_p0_and_of_q_offli
     actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(sac, 2), critics(sac, 3), certain_cvae(sac)
     log_alpha = torch.tensor(-1.5)
-    args = sac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
+    guide = guidance(sac, cvae, coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, p_at="sample")
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, intrinsic = sac.sac_target(data, actor, critic_target, q_offline, cvae, None,
-                                              log_alpha, args)
+        target, p, metrics = sac.sac_target(data, actor, critic_target, q_offline, guide, log_alpha, 0.9,
+                                            diagnose=True)
         torch.manual_seed(7)  # the same a' ~ pi(s')
         expected = sac_reference(sac, data, actor, critic_target if coef_mode == "none" else q_offline,
                                  log_alpha, 0.9)
     assert torch.all(p == (0.0 if coef_mode == "none" else 1.0))
     torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
-    assert (intrinsic == 0).all() == (coef_mode == "none")
+    assert (metrics[2] == 0) == (coef_mode == "none")  # samg/intrinsic
 
 
 @pytest.mark.parametrize("coef_mode", ["none", "cvae"])
@@ -117,10 +123,11 @@ def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic
     actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(td3, 2), critics(td3, 3), certain_cvae(td3)
     args = td3.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
+    guide = td3.Guidance(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, cvae, None, args)
+        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, guide, args, diagnose=False)
         torch.manual_seed(7)  # the same smoothing noise
         noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
         next_actions = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
@@ -136,11 +143,11 @@ def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(
     torch.manual_seed(1)
     actor = awac.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
     critic_target, q_offline, cvae = critics(awac, 2), critics(awac, 3), certain_cvae(awac)
-    args = awac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
+    guide = guidance(awac, cvae, coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0)
     obs, actions, rewards, next_obs, dones = data
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, _ = awac.awac_target(data, actor, critic_target, q_offline, cvae, None, args)
+        target, p, _ = awac.awac_target(data, actor, critic_target, q_offline, guide, 0.9, diagnose=False)
         torch.manual_seed(7)
         next_actions = actor.act(next_obs, deterministic=False)
         chosen = critic_target if coef_mode == "none" else q_offline
@@ -159,8 +166,9 @@ def test_sac_target_at_p_one_half_is_the_average_of_both_soft_targets(sac):
         targets = {}
         for coef_mode in ("even", "none"):
             torch.manual_seed(7)
-            targets[coef_mode], _, _ = sac.sac_target(data, actor, critic_target, q_offline, None, None, log_alpha,
-                                                      sac.Args(coef_mode=coef_mode))
+            targets[coef_mode], _, _ = sac.sac_target(data, actor, critic_target, q_offline,
+                                                      guidance(sac, coef_mode=coef_mode), log_alpha, 0.99,
+                                                      diagnose=False)
         torch.manual_seed(7)
         offline = sac_reference(sac, data, actor, q_offline, log_alpha, 0.99)
     torch.testing.assert_close(targets["even"], 0.5 * (targets["none"] + offline), rtol=1e-6, atol=1e-5)
@@ -224,12 +232,106 @@ def test_random_mode_draws_p_uniformly_per_sample_and_follows_the_seed(sac):
 def test_none_mode_gives_zero_and_never_evaluates_the_offline_critic(sac):
     p = sac.samg_coefficient("none", "latent", 0.2, None, None, torch.zeros(4, OBS_DIM), None)
     assert p.tolist() == [0.0] * 4
-    critic_target = critics(sac, 0)
-    next_obs, next_actions = torch.randn(4, OBS_DIM), torch.zeros(4, ACT_DIM)
+    data, critic_target = batch(4), critics(sac, 0)
+    next_actions = torch.zeros(4, ACT_DIM)
+    with torch.no_grad():  # q_offline=None: evaluating it would fail
+        target, p, metrics = sac.samg_target(data, next_actions, 0.0, critic_target, None,
+                                             guidance(sac, coef_mode="none"), 0.9, diagnose=False)
+        expected = data[2] + 0.9 * (1 - data[4]) * critic_target(data[3], next_actions).min(0).values
+    assert torch.equal(target, expected) and p.tolist() == [0.0] * 4 and metrics is None
+
+
+# --- where p is evaluated (--p-at), the fade, and the re-ranked reference ---
+def elbo_is_squared_action_cvae(module):
+    """mu = 0, sigma = 1 (no KL) and a decoder that outputs 0: the negative ELBO of (s, a) is |a|^2."""
+    cvae = certain_cvae(module)
     with torch.no_grad():
-        target_value, offline_value = sac.next_values(critic_target, None, next_obs, next_actions, "none")
-        assert torch.equal(target_value, critic_target(next_obs, next_actions).min(0).values)
-    assert offline_value is target_value
+        cvae.decoder[-2].weight.zero_()
+        cvae.decoder[-2].bias.zero_()
+    return cvae
+
+
+@pytest.mark.parametrize("p_at, expected_p", [("sample", [1.0, 0.5]), ("next", [0.5, 1.0]), ("both", [0.5, 0.5])])
+def test_p_at_picks_the_pair_and_the_target_mixes_with_it(sac, p_at, expected_p):
+    # against offline negative ELBOs 0..9, |a|^2 = 0 gives p = 1 and |a|^2 = 4.5 gives p = 0.5
+    obs, next_obs = torch.randn(2, OBS_DIM), torch.randn(2, OBS_DIM)
+    actions, next_actions = torch.tensor([[0.0, 0.0], [1.5, 1.5]]), torch.tensor([[1.5, 1.5], [0.0, 0.0]])
+    data = (obs, actions, torch.tensor([1.0, -2.0]), next_obs, torch.tensor([0.0, 0.0]))
+    critic_target, q_offline = critics(sac, 2), critics(sac, 3)
+    guide = guidance(sac, elbo_is_squared_action_cvae(sac), p_at=p_at, p_estimator="elbo", p_threshold=0.0)
+    with torch.no_grad():
+        target, p, metrics = sac.samg_target(data, next_actions, 0.0, critic_target, q_offline, guide, 0.9, True)
+        qbar = critic_target(next_obs, next_actions).min(0).values.tolist()
+        qoff = q_offline(next_obs, next_actions).min(0).values.tolist()
+    assert p.tolist() == expected_p
+    by_hand = [r + 0.9 * ((1 - w) * b + w * o) for r, w, b, o in zip([1.0, -2.0], expected_p, qbar, qoff)]
+    assert target.tolist() == pytest.approx(by_hand, abs=1e-5)
+    assert metrics.tolist() == pytest.approx([sum(expected_p) / 2, 1.0,
+                                              sum(0.9 * w * (o - b) for w, b, o in zip(expected_p, qbar, qoff)) / 2,
+                                              sum(qoff) / 2, sum(qbar) / 2, sum(o > b for b, o in zip(qbar, qoff)) / 2],
+                                             abs=1e-5)
+
+
+def test_even_and_random_p_do_not_depend_on_p_at(sac):
+    data, next_actions = batch(8), torch.zeros(8, ACT_DIM)
+    for p_at in ("sample", "next", "both"):
+        p = guidance(sac, coef_mode="even", p_at=p_at).p(data, next_actions, None, None)
+        assert p.tolist() == [0.5] * 8
+
+
+def test_outgrown_fade_zeroes_p_where_the_online_critic_exceeds_q_off_by_more_than_its_recent_td_error(sac):
+    guide = guidance(sac, coef_mode="even", p_fade="outgrown")
+    data, next_actions = batch(3), torch.zeros(3, ACT_DIM)
+    qbar, qoff = torch.tensor([10.0, 10.0, 10.0]), torch.tensor([9.5, 8.0, 12.0])
+    assert guide.p(data, next_actions, qbar, qoff).tolist() == [0.5, 0.5, 0.5]  # no TD error seen yet: no fade
+    guide.observe(torch.tensor([1.0, 1.0]))  # the first observation sets the running mean
+    assert guide.p(data, next_actions, qbar, qoff).tolist() == [0.5, 0.0, 0.5]  # gaps 0.5, 2, -2 against 1
+    guide.observe(torch.tensor([3.0]))
+    assert guide.recent_td_error.item() == pytest.approx(1.02)
+
+
+def test_linear_fade_scales_p_by_the_factor_the_loop_sets(sac):
+    guide = guidance(sac, coef_mode="even", p_fade="linear")
+    guide.scale.fill_(0.25)
+    assert guide.p(batch(2), torch.zeros(2, ACT_DIM), None, None).tolist() == [0.125, 0.125]
+
+
+def test_recalibration_keeps_p_uniform_on_the_offline_reservoir_as_the_cvae_learns(sac):
+    torch.manual_seed(0)
+    reservoir_obs = torch.randn(500, OBS_DIM)
+    reservoir_actions = torch.tanh(reservoir_obs @ torch.randn(OBS_DIM, ACT_DIM))  # learnable: a function of s
+    cvae = sac.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
+    calibration = {"neg_elbo_quantiles": torch.arange(10.0), "reservoir_obs": reservoir_obs,
+                   "reservoir_actions": reservoir_actions}
+    guide = sac.Guidance(sac.Args(p_estimator="elbo"), cvae, calibration, torch.device("cpu"))
+    uniform = torch.arange(500, 0, -1) / 500  # each reservoir pair's share of pairs at least as unusual
+
+    def reservoir_p():
+        with torch.no_grad():
+            return sac.p_elbo(cvae, guide.neg_elbo_reference, reservoir_obs, reservoir_actions).sort(descending=True)
+
+    torch.testing.assert_close(reservoir_p().values, uniform)
+    optimizer = torch.optim.Adam(cvae.parameters(), lr=3e-3)
+    for _ in range(300):  # the C-VAE learns (here on the reservoir itself, the worst case for a frozen reference)
+        loss = sac.cvae_loss(cvae, reservoir_obs, reservoir_actions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    stale = reservoir_p().values
+    assert stale.mean() > 0.9 and 0.0 <= stale.min() and stale.max() <= 1.0  # a frozen reference inflates p
+    guide.recalibrate()
+    torch.testing.assert_close(reservoir_p().values, uniform)
+
+
+def test_offline_data_ratio_draws_that_share_of_each_batch_from_the_offline_data(sac):
+    online, offline = (sac.ReplayBuffer(10, OBS_DIM, ACT_DIM, torch.device("cpu")) for _ in range(2))
+    for replay, reward in ((online, 1.0), (offline, 2.0)):
+        for _ in range(10):
+            replay.add(torch.zeros(OBS_DIM).numpy(), [0.0, 0.0], reward, torch.zeros(OBS_DIM).numpy(), False)
+    for ratio, expected_offline in ((0.5, 128), (0.25, 64), (0.1, 26)):
+        rewards = sac.sample_batch(online, offline, 256, ratio)[2]
+        assert rewards.shape == (256,) and int((rewards == 2.0).sum()) == expected_offline
+    assert (sac.sample_batch(online, None, 256, 0.0)[2] == 1.0).all()
 
 
 # --- the adaptive half and the critic ensemble ---
