@@ -5,10 +5,11 @@
     python benchmark/report.py --runs-dir runs/quick               # the table and the curves
 
 A run is one process: `make_dataset.py` for a `local/...` dataset that is missing, `pretrain_offline.py` for
-each env id x algo x seed, and one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` for each of those
-checkpoints x method. A method is a coefficient mode (cvae, even, random, none) with the adaptive update on
-(`cvae`) or off (`cvae-static`); `none` (p = 0, plain fine-tuning) runs once, without the adaptive update,
-which could not change anything when p = 0.
+each env id x algo x pretraining seed, and one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` for each of those
+checkpoints x method x online seed. A method is a named set of online flags (METHODS): `samg` is the shipped
+default, `none` plain fine-tuning with online data only (p = 0), `offline-0.5` plain fine-tuning that keeps the
+offline data (half of every batch), and the rest SAMG's variants and ablations. With `--pretrain-seeds 1`, one
+checkpoint per (dataset, algo) serves every online seed: what is compared is the online phase from one start.
 
 Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a dataset is
 done when its Minari directory exists, a pretraining run when its checkpoint exists (the script writes it only
@@ -35,7 +36,24 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("cql", "td3bc", "awac")
-COEF_MODES = ("cvae", "none", "even", "random")
+# method name -> the online scripts' flags that make it (anything not given is the script's default)
+METHODS = {
+    "samg": ("--coef-mode", "cvae"),
+    "samg-static": ("--coef-mode", "cvae", "--no-adaptive"),
+    "samg-sample": ("--coef-mode", "cvae", "--p-at", "sample"),
+    "samg-next": ("--coef-mode", "cvae", "--p-at", "next"),
+    "samg-both": ("--coef-mode", "cvae", "--p-at", "both"),
+    "samg-refresh-only": ("--coef-mode", "cvae", "--no-cvae-learning"),
+    "samg-cvae-only": ("--coef-mode", "cvae", "--no-qoff-refresh"),
+    "samg-outgrown": ("--coef-mode", "cvae", "--p-fade", "outgrown"),
+    "samg-linear": ("--coef-mode", "cvae", "--p-fade", "linear"),
+    "even": ("--coef-mode", "even"),
+    "even-static": ("--coef-mode", "even", "--no-adaptive"),
+    "random": ("--coef-mode", "random"),
+    "random-static": ("--coef-mode", "random", "--no-adaptive"),
+    "none": ("--coef-mode", "none"),
+    "offline-0.5": ("--coef-mode", "none", "--offline-data-ratio", "0.5"),
+}
 ONLINE_SCRIPTS = {"cql": "samg_sac.py", "td3bc": "samg_td3.py", "awac": "samg_awac.py"}
 # Gymnasium ids of the environments whose datasets make_dataset.py generates (`local/{env}/{quality}-v0`)
 LOCAL_GYM_IDS = {
@@ -55,9 +73,10 @@ class Preset:
 
     env_ids: Tuple[str, ...]
     algos: Tuple[str, ...] = ALGOS
-    coef_modes: Tuple[str, ...] = COEF_MODES
-    variants: Tuple[str, ...] = ("adaptive", "static")
+    methods: Tuple[str, ...] = ("samg", "samg-static", "even", "random", "none", "offline-0.5")
     seeds: Tuple[int, ...] = (1, 2, 3, 4, 5)
+    pretrain_seeds: Optional[int] = None
+    """checkpoints per (dataset, algo); None: one per online seed (online seed k fine-tunes checkpoint k)"""
     dataset_args: Tuple[str, ...] = ()
     """extra make_dataset.py flags"""
     pretrain_args: Tuple[str, ...] = ()
@@ -76,30 +95,20 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, with 64x64 networks
-    # (CQL's 30 sampled actions per state make 256x256 too slow on a CPU): 1 dataset run, 18 pretraining runs
-    # and 36 online runs. Measured work: dataset 1.5 CPU-min; pretraining 4.3 (cql), 0.9 (td3bc), 0.8 (awac)
-    # CPU-min; online runs about 1 CPU-min each; so about 40 minutes with --workers 2 on 2 free CPU cores.
-    # Q_off is refreshed every 3000 steps, 5 times per run, as the default 50k does in a 250k-step run.
+    # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, 64x64 networks, one
+    # checkpoint per (dataset, algo) and 5 online seeds: SAMG with p at each pair, plain fine-tuning with and
+    # without the offline data. 1 dataset run, 6 pretraining runs, 150 online runs of 10k steps (about 0.5
+    # CPU-min each): about 1 h 15 min with --workers 2 on 2 free cores. Q_off is refreshed every 2000 steps, 5
+    # times per run, as the default 50k does in a 250k-step run.
     "quick": Preset(
-        env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"), coef_modes=("cvae", "none"),
-        variants=("adaptive",), seeds=(1, 2, 3),
-        dataset_args=("--sac-steps", "15000", "--learning-starts", "1000", "--eval-freq", "500",
+        env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"),
+        methods=("none", "samg-next", "samg-sample", "samg-both", "offline-0.5"), seeds=(1, 2, 3, 4, 5),
+        pretrain_seeds=1,
+        dataset_args=("--total-timesteps", "15000", "--learning-starts", "1000", "--eval-freq", "500",
                       "--eval-episodes", "5", "--transitions", "50000", "--hidden-dims", "64", "64"),
         pretrain_args=("--hidden-dims", "64", "64"), offline_steps=10_000, cvae_steps=10_000,
-        offline_eval_freq=5_000, online_steps=15_000, learning_starts=500, online_eval_freq=500, eval_episodes=5,
-        online_args=("--qoff-refresh-every", "3000"),
-    ),
-    # Hopper-v5 from locally generated medium and medium-replay data, 128x128 networks, 50k offline and 30k
-    # online steps, the four coefficient modes with the adaptive update: 1 dataset run, 18 pretraining runs
-    # (cql about 45 CPU-min each, td3bc and awac about 6) and 72 online runs (about 7 CPU-min each, estimated
-    # from the update rates), so about 8 hours with --workers 2.
-    "hopper-cpu": Preset(
-        env_ids=("local/hopper/medium-v0", "local/hopper/medium-replay-v0"), variants=("adaptive",),
-        seeds=(1, 2, 3), dataset_args=("--sac-steps", "300000", "--transitions", "200000"),
-        pretrain_args=("--hidden-dims", "128", "128"), offline_steps=50_000, cvae_steps=50_000,
-        offline_eval_freq=10_000, online_steps=30_000, learning_starts=1_000, online_eval_freq=1_000,
-        eval_episodes=5, online_args=("--qoff-refresh-every", "6000"),
+        offline_eval_freq=5_000, online_steps=10_000, learning_starts=500, online_eval_freq=500, eval_episodes=5,
+        online_args=("--qoff-refresh-every", "2000"),
     ),
     # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds, every
     # method; the scripts' defaults otherwise.
@@ -113,18 +122,18 @@ PRESETS: Dict[str, Preset] = {
 
 @dataclass
 class Args:
-    preset: Literal["quick", "hopper-cpu", "paper"] = "quick"
+    preset: Literal["quick", "paper"] = "quick"
     """which suite to run; the flags below override its parts"""
     env_ids: Optional[Tuple[str, ...]] = None
     """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
     algos: Optional[Tuple[Literal["cql", "td3bc", "awac"], ...]] = None
     """offline algorithms, each fine-tuned by its script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py)"""
-    coef_modes: Optional[Tuple[Literal["cvae", "none", "even", "random"], ...]] = None
-    """coefficient modes p(s, a) of the online runs"""
-    variants: Optional[Tuple[Literal["adaptive", "static"], ...]] = None
-    """with the adaptive update (`--adaptive`), without it (`--no-adaptive`), or both"""
+    methods: Optional[Tuple[str, ...]] = None
+    """online methods, names from METHODS (samg, samg-static, none, offline-0.5, even, random, ...)"""
     seeds: Optional[Tuple[int, ...]] = None
-    """seeds; each pretraining seed is fine-tuned with the same seed"""
+    """online seeds"""
+    pretrain_seeds: Optional[int] = None
+    """checkpoints per (dataset, algo), seeds 1..N, online seed k using checkpoint ((k - 1) % N) + 1"""
     offline_steps: Optional[int] = None
     """pretrain_offline.py --total-steps"""
     cvae_steps: Optional[int] = None
@@ -208,17 +217,13 @@ def pretrain_command(env_id: str, algo: str, seed: int, preset: Preset, checkpoi
             "--checkpoint-dir", checkpoint_dir, *preset.pretrain_args]
 
 
-def online_command(env_id: str, algo: str, coef_mode: str, adaptive: bool, seed: int, checkpoint: Path,
-                   run_dir: Path, preset: Preset) -> List[str]:
+def online_command(env_id: str, algo: str, method: str, seed: int, checkpoint: Path, run_dir: Path,
+                   preset: Preset) -> List[str]:
     return ["python", script(ONLINE_SCRIPTS[algo]), "--env-id", env_id, "--checkpoint", str(checkpoint),
-            "--seed", str(seed), "--coef-mode", coef_mode, "--adaptive" if adaptive else "--no-adaptive",
+            "--seed", str(seed), *METHODS[method],
             *flags(total_timesteps=preset.online_steps, learning_starts=preset.learning_starts,
                    eval_freq=preset.online_eval_freq, eval_episodes=preset.eval_episodes),
             "--run-dir", str(run_dir), *preset.online_args]
-
-
-def method_name(coef_mode: str, adaptive: bool) -> str:
-    return coef_mode if adaptive or coef_mode == "none" else f"{coef_mode}-static"
 
 
 def local_dataset(env_id: str) -> Optional[Tuple[str, str]]:
@@ -242,32 +247,34 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
         outputs = [minari_root() / "local" / env / f"{quality}-v0" / "data" for quality in env_qualities]
         runs.append(Run(f"dataset__{env}", "dataset", dataset_command(env, env_qualities, preset), [], outputs))
 
+    pretrain_seeds = list(range(1, preset.pretrain_seeds + 1)) if preset.pretrain_seeds else list(preset.seeds)
+
+    def checkpoint_seed(online_seed: int) -> int:
+        return online_seed if not preset.pretrain_seeds else (online_seed - 1) % preset.pretrain_seeds + 1
+
     for env_id in preset.env_ids:
         parsed = local_dataset(env_id)
         dataset_deps = [f"dataset__{parsed[0]}"] if parsed else []
         for algo in preset.algos:
-            for seed in preset.seeds:
+            for seed in pretrain_seeds:
                 checkpoint = Path(checkpoint_dir) / f"{safe_name(env_id)}__{algo}__{seed}.pt"
                 runs.append(Run(f"{safe_name(env_id)}__{algo}__{seed}", "pretrain",
                                 pretrain_command(env_id, algo, seed, preset, checkpoint_dir), dataset_deps,
                                 [checkpoint]))
 
-    for env_id in preset.env_ids:
-        for algo in preset.algos:
-            for coef_mode in preset.coef_modes:
-                variants = [False] if coef_mode == "none" else [v == "adaptive" for v in preset.variants]
-                for adaptive in variants:
-                    method = method_name(coef_mode, adaptive)
-                    for seed in preset.seeds:
-                        run_id = f"{safe_name(env_id)}__{algo}__{method}__{seed}"
-                        run_dir = Path(runs_dir) / run_id
-                        checkpoint = Path(checkpoint_dir) / f"{safe_name(env_id)}__{algo}__{seed}.pt"
-                        command = online_command(env_id, algo, coef_mode, adaptive, seed, checkpoint, run_dir, preset)
-                        meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
-                                "coef_mode": coef_mode, "adaptive": adaptive, "seed": seed,
-                                "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint)}
-                        runs.append(Run(run_id, "online", command, [f"{safe_name(env_id)}__{algo}__{seed}"],
-                                        [run_dir / "DONE"], run_dir, meta))
+    for seed in preset.seeds:  # seed by seed, so that an unfinished suite still covers every cell evenly
+        for env_id in preset.env_ids:
+            for algo in preset.algos:
+                for method in preset.methods:
+                    run_id = f"{safe_name(env_id)}__{algo}__{method}__{seed}"
+                    run_dir = Path(runs_dir) / run_id
+                    pretrain_id = f"{safe_name(env_id)}__{algo}__{checkpoint_seed(seed)}"
+                    checkpoint = Path(checkpoint_dir) / f"{pretrain_id}.pt"
+                    command = online_command(env_id, algo, method, seed, checkpoint, run_dir, preset)
+                    meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
+                            "flags": list(METHODS[method]), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
+                            "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint)}
+                    runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta))
     return runs
 
 
@@ -390,12 +397,17 @@ def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[
 def resolve(args: Args) -> Tuple[Preset, str, str]:
     """The preset with the command-line overrides applied, and the output directories."""
     preset = PRESETS[args.preset]
-    overrides = {name: getattr(args, name) for name in ("env_ids", "algos", "coef_modes", "variants", "seeds",
+    overrides = {name: getattr(args, name) for name in ("env_ids", "algos", "methods", "seeds", "pretrain_seeds",
                                                         "offline_steps", "cvae_steps", "online_steps",
                                                         "learning_starts", "online_eval_freq", "eval_episodes")}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-    if not (preset.env_ids and preset.algos and preset.coef_modes and preset.variants and preset.seeds):
-        raise SystemExit("error: --env-ids, --algos, --coef-modes, --variants and --seeds must not be empty")
+    if not (preset.env_ids and preset.algos and preset.methods and preset.seeds):
+        raise SystemExit("error: --env-ids, --algos, --methods and --seeds must not be empty")
+    unknown = [method for method in preset.methods if method not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
+    if preset.pretrain_seeds is not None and preset.pretrain_seeds < 1:
+        raise SystemExit("error: --pretrain-seeds must be at least 1")
     if args.workers < 1 or args.threads < 1:
         raise SystemExit("error: --workers and --threads must be at least 1")
     for env_id in preset.env_ids:
