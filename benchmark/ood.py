@@ -1,6 +1,6 @@
 """How well each p(s, a) estimator tells offline actions from out-of-distribution ones, as AUROC.
 
-    python benchmark/ood.py --checkpoints checkpoints/quick
+    python benchmark/ood.py --checkpoints checkpoints/quick               # writes runs/ood/ood.md
 
 For each checkpoint, offline (s, a) pairs from its dataset are scored by both estimators of the online scripts:
 `latent` (mean over latent dimensions of the prior's two-sided tail mass beyond the encoder mean) and `elbo`
@@ -46,8 +46,8 @@ class Args:
     """share of the transitions held out when --retrain-cvae-steps > 0"""
     seed: int = 0
     """seed of the pair sampling, the random actions, the noise and the retraining"""
-    out: str = "benchmark/results/ood.md"
-    """where the markdown tables are written"""
+    out: str = "runs/ood/ood.md"
+    """where the markdown tables are written (the committed benchmark/results/ only when given here)"""
 
 
 # --- AUROC ---

@@ -1,86 +1,165 @@
-"""The benchmark's results table and learning curves, read from the TensorBoard logs of the online runs.
+"""The benchmark's results: per-cell tables, cross-task statistics (rliable) and plots, from the online runs' logs.
 
-    python benchmark/report.py --runs-dir runs/quick
+    python benchmark/report.py --runs-dir runs/quick                      # writes runs/quick/report/
+    python benchmark/report.py --runs-dir runs/quick --export-csv         # ... and runs/quick/report/scalars/
+    python benchmark/report.py --from-csv runs/quick/report/scalars --out-dir /tmp/rebuilt   # no logs needed
 
 Every online run that benchmark/run_suite.py starts has its own directory holding the TensorBoard events (in the
-subdirectory the script names), a `suite.json` that says what the run is (env id, algo, method, seed, online
-steps) and, once the run exited cleanly, a `DONE` file. This script groups the finished runs by (env id, algo,
-method) and writes:
+subdirectory the script names), a `suite.json` that says what the run is (env id, algo, method, flags, seed,
+checkpoint seed, online steps) and, once the run exited cleanly, a `DONE` file. A cell is one (env id, algo,
+method); a task is one (env id, algo). The report (in `--out-dir`, by default `{runs_dir}/report`) holds:
 
-- `results.md`: per group, mean +- std over seeds of the offline score (the evaluation at online step 0), the
-  final online score (the mean of the last `--final-evals` evaluations of each run, by default just the last
-  one) and the fine-tuning dip (the lowest evaluation after step 0 within the first 10% of online steps);
-  std is the sample standard deviation (ddof = 1), so it needs two seeds;
-- `curves_{env}__{algo}.png`: one line per method (mean over seeds), with a band of +- one std.
+- `results.md`: per cell, the offline score (the evaluation at online step 0), the final online score (the mean
+  of the last `--final-evals` evaluations of a run) and the fine-tuning dip (the lowest evaluation after step 0
+  within the first `--dip-fraction` of the online steps), each as the mean over seeds with a 95% percentile
+  bootstrap interval (seeds resampled with replacement). Across tasks, with rliable: the interquartile mean (IQM)
+  of the final scores per method with stratified bootstrap 95% intervals, and the probability of improvement of
+  every SAMG method (name `samg...`) over each baseline (none, offline-0.5, even, random), with its interval.
+  Only methods that have runs in every task enter these; the report names the ones left out.
+- `curves_{env}__{algo}.png`: per task a 2x2 figure, one line per method: the normalized score, and the SAMG
+  diagnostics samg/p_mean, samg/p_active_frac and Q_off - Qbar (samg/qoff_values - samg/qbar_values); each line
+  is the mean over seeds with a 95% percentile bootstrap band, at the steps every seed logged.
+- with `--export-csv`, `scalars/{run id}.csv` (a `step` column and one column per logged scalar of EXPORT_TAGS,
+  empty where the scalar was not logged at that step) and `scalars/{run id}.json` (the run's suite.json), from
+  which `--from-csv` rebuilds the same report without the TensorBoard logs.
 
-All scores are D4RL-normalized (`eval/normalized_score`, x100).
+The bootstrap is seeded (`--seed`), so the same runs give the same report. All scores are D4RL-normalized
+(`eval/normalized_score`, x100).
 """
+import csv
+import io
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import tyro
 
 SCORE_TAG = "eval/normalized_score"
-METHOD_ORDER = ["cvae", "cvae-static", "even", "even-static", "random", "random-static", "none"]
-METHOD_LABELS = {
-    "cvae": "SAMG (C-VAE p, adaptive)",
-    "cvae-static": "SAMG (C-VAE p, static)",
-    "even": "even p = 0.5 (adaptive)",
-    "even-static": "even p = 0.5 (static)",
-    "random": "random p (adaptive)",
-    "random-static": "random p (static)",
-    "none": "no guidance (p = 0)",
-}
+# the scalars a CSV export keeps (those a run logged), in column order
+EXPORT_TAGS = (
+    "eval/normalized_score", "eval/return", "eval/success", "charts/episodic_return", "losses/qf_loss",
+    "losses/qf_values", "losses/actor_loss", "losses/alpha", "samg/p_mean", "samg/p_active_frac",
+    "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "samg/intrinsic", "samg/cvae_loss",
+)
+METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-refresh-only",
+                "samg-cvae-only", "samg-outgrown", "samg-linear", "even", "even-static", "random", "random-static",
+                "offline-0.5", "none"]
+BASELINES = ("none", "offline-0.5", "even", "even-static", "random", "random-static")
+SAMG_DEFAULTS = ("samg", "samg-next")  # the method the verdict lines speak for: the first one present
+Scalars = Dict[str, Tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values)
 
 
 @dataclass
 class Args:
     runs_dir: str = "runs"
     """searched recursively for run directories with a `suite.json`"""
-    out_dir: str = "benchmark/results"
-    """where `results.md` and the PNG curves are written"""
+    out_dir: Optional[str] = None
+    """where results.md, the PNG figures and the CSV export go (default: {runs_dir}/report)"""
+    from_csv: Optional[str] = None
+    """build the report from a folder written by --export-csv instead of the TensorBoard logs under --runs-dir"""
+    export_csv: bool = False
+    """also write each run's scalars and suite.json into {out_dir}/scalars/"""
     final_evals: int = 1
     """the final online score of a run is the mean of its last this many evaluations"""
     dip_fraction: float = 0.1
     """the dip is the lowest evaluation after step 0 within this fraction of the online steps"""
+    reps: int = 2000
+    """bootstrap resamples of every interval"""
+    seed: int = 0
+    """seed of the bootstrap"""
     include_unfinished: bool = False
     """also use runs without a `DONE` file (still running or failed)"""
 
 
-# --- reading the runs ---
-def find_runs(runs_dir: str, include_unfinished: bool = False) -> List[Tuple[dict, Path]]:
-    """(metadata, run directory) of every run under `runs_dir` that the suite described in a `suite.json`."""
-    runs = []
-    for meta_path in sorted(Path(runs_dir).rglob("suite.json")):
-        if include_unfinished or (meta_path.parent / "DONE").exists():
-            runs.append((json.loads(meta_path.read_text()), meta_path.parent))
-    return runs
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
 
 
-def read_scalar(run_dir: Path, tag: str = SCORE_TAG) -> Tuple[np.ndarray, np.ndarray]:
-    """Steps and values of one scalar from every event file under `run_dir` (the scripts log into a
+def write_staged(path: Path, data: bytes):
+    """Writes `path` whole or not at all: into a temporary file beside it, then renamed over it."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# --- reading the runs: from the TensorBoard logs, or from a CSV export ---
+def read_scalars(run_dir: Path, tags=EXPORT_TAGS) -> Scalars:
+    """Steps and values of each of `tags` that any event file under `run_dir` holds (the scripts log into a
     subdirectory named after the run), sorted by step; a step logged twice keeps its latest value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = []
+    events: Dict[str, list] = {}
     for event_file in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "histograms": 1, "tensors": 1})
         accumulator.Reload()
-        if tag in accumulator.Tags().get("scalars", []):
-            events += accumulator.Scalars(tag)
-    by_step = {}
-    for event in sorted(events, key=lambda e: e.wall_time):
-        by_step[event.step] = event.value
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+        for tag in set(tags) & set(accumulator.Tags().get("scalars", [])):
+            events.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    scalars = {}
+    for tag in [tag for tag in tags if tag in events]:
+        by_step = {event.step: event.value for event in sorted(events[tag], key=lambda e: e.wall_time)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        scalars[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return scalars
 
 
-# --- the table's arithmetic ---
+def runs_from_logs(runs_dir: str, include_unfinished: bool = False) -> List[dict]:
+    """{id, meta, scalars} of every run under `runs_dir` that the suite described in a `suite.json`; the id is the
+    run directory's path below `runs_dir`, with `__` for the separators."""
+    runs = []
+    meta_paths = sorted(Path(runs_dir).rglob("suite.json"))
+    for count, meta_path in enumerate(meta_paths, 1):
+        if not (include_unfinished or (meta_path.parent / "DONE").exists()):
+            continue
+        relative = meta_path.parent.relative_to(runs_dir).parts or (meta_path.parent.resolve().name,)
+        runs.append({"id": "__".join(relative), "meta": json.loads(meta_path.read_text()),
+                     "scalars": read_scalars(meta_path.parent)})
+        if count % 25 == 0:
+            print(f"read {count}/{len(meta_paths)} runs", flush=True)
+    return runs
+
+
+def export_csv(run: dict, directory: Path):
+    """`{id}.csv` (step, then one column per scalar; empty where not logged) and `{id}.json` (its suite.json)."""
+    tags = [tag for tag in EXPORT_TAGS if tag in run["scalars"]]
+    columns = {tag: dict(zip(steps.tolist(), values.tolist())) for tag, (steps, values) in run["scalars"].items()}
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["step", *tags])
+    for step in sorted({step for tag in tags for step in columns[tag]}):
+        writer.writerow([step, *(repr(columns[tag][step]) if step in columns[tag] else "" for tag in tags)])
+    write_staged(directory / f"{run['id']}.csv", text.getvalue().encode())
+    write_staged(directory / f"{run['id']}.json", (json.dumps(run["meta"], indent=1) + "\n").encode())
+
+
+def runs_from_csv(directory: str) -> List[dict]:
+    """The runs of a --export-csv folder: each `{id}.csv` with its `{id}.json`."""
+    runs = []
+    for csv_path in sorted(Path(directory).glob("*.csv")):
+        meta_path = csv_path.with_suffix(".json")
+        if not meta_path.exists():
+            fail(f"{csv_path} has no {meta_path.name} beside it; export again with --export-csv")
+        with open(csv_path, newline="") as file:
+            rows = list(csv.reader(file))
+        header, rows = rows[0], rows[1:]
+        scalars = {}
+        for column, tag in enumerate(header[1:], 1):
+            pairs = [(int(row[0]), float(row[column])) for row in rows if row[column] != ""]
+            scalars[tag] = (np.array([s for s, _ in pairs], dtype=np.int64), np.array([v for _, v in pairs]))
+        runs.append({"id": csv_path.stem, "meta": json.loads(meta_path.read_text()), "scalars": scalars})
+    return runs
+
+
+# --- per run and per cell ---
 def run_scores(steps: np.ndarray, values: np.ndarray, total_steps: int, final_evals: int = 1,
                dip_fraction: float = 0.1) -> Dict[str, float]:
     """Offline score (the evaluation at step 0), final score (mean of the last `final_evals` evaluations after
@@ -97,21 +176,23 @@ def run_scores(steps: np.ndarray, values: np.ndarray, total_steps: int, final_ev
     }
 
 
-def mean_std(values) -> Tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1) of the finite values; std is NaN below two values."""
+def bootstrap_mean_ci(values, reps: int, seed: int) -> Tuple[float, float, float]:
+    """Mean of the finite values and its 95% percentile bootstrap interval (values resampled with replacement,
+    `reps` times, by numpy's default_rng(seed)); NaNs when there are no finite values."""
     values = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
     if values.size == 0:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
+        return math.nan, math.nan, math.nan
+    means = values[np.random.default_rng(seed).integers(0, values.size, (reps, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
 
 
 def method_rank(method: str) -> Tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
-def summarize(per_run: List[dict]) -> List[dict]:
-    """Rows of the table, one per (env id, algo, method): seeds and mean/std of offline, final and dip.
-    `per_run` holds dicts with env_id, algo, method, seed and the keys of run_scores."""
+def cell_rows(per_run: List[dict], reps: int, seed: int) -> List[dict]:
+    """One row per (env id, algo, method): seeds and (mean, low, high) of offline, final and dip."""
     groups: Dict[Tuple[str, str, str], List[dict]] = {}
     for run in per_run:
         groups.setdefault((run["env_id"], run["algo"], run["method"]), []).append(run)
@@ -119,104 +200,258 @@ def summarize(per_run: List[dict]) -> List[dict]:
     for (env_id, algo, method), runs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], method_rank(kv[0][2]))):
         row = {"env_id": env_id, "algo": algo, "method": method, "seeds": sorted(run["seed"] for run in runs)}
         for key in ("offline", "final", "dip"):
-            row[key], row[f"{key}_std"] = mean_std([run[key] for run in runs])
+            row[key] = bootstrap_mean_ci([run[key] for run in runs], reps, seed)
         rows.append(row)
     return rows
 
 
-def format_score(mean: float, std: float) -> str:
+# --- across tasks, with rliable ---
+def seeded_interval_estimates(scores, func: Callable, reps: int, seed: int) -> Tuple[float, float, float]:
+    """rliable's stratified bootstrap of `func` on one method's scores (a runs x tasks matrix, or a tuple of them):
+    (point estimate, low, high) of the 95% percentile interval. rliable draws its resamples from NumPy's global
+    generator, so it is seeded here (and restored after): the same scores give the same interval."""
+    from rliable import library
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        points, intervals = library.get_interval_estimates({"x": scores}, func, reps=reps)
+    finally:
+        np.random.set_state(state)
+    return float(points["x"][0]), float(intervals["x"][0, 0]), float(intervals["x"][1, 0])
+
+
+def iqm(scores: np.ndarray) -> np.ndarray:
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_iqm(scores)])
+
+
+def improvement(scores_x: np.ndarray, scores_y: np.ndarray) -> np.ndarray:
+    """rliable.metrics.probability_of_improvement (per task the share of run pairs with x > y, ties one half,
+    0.5 where both columns are equal; averaged over tasks), counted with array operations: rliable's version
+    calls scipy's Mann-Whitney test per task and resample, ~100x slower (a test checks they agree)."""
+    wins = (scores_x[:, None, :] > scores_y[None, :, :]).mean(axis=(0, 1))
+    ties = (scores_x[:, None, :] == scores_y[None, :, :]).mean(axis=(0, 1))
+    same = np.array([np.array_equal(scores_x[:, task], scores_y[:, task]) for task in range(scores_x.shape[1])])
+    return np.array([np.where(same, 0.5, wins + 0.5 * ties).mean()])
+
+
+def aggregate(per_run: List[dict], reps: int, seed: int) -> dict:
+    """IQM of the final scores per method and P(SAMG method > baseline), over the tasks (env id, algo).
+    Methods without a finite final score in some task are left out (named in `left_out` with the tasks they lack);
+    a method's runs x tasks matrix has as many runs as its task with fewest, keeping the lowest seeds."""
+    finals: Dict[str, Dict[Tuple[str, str], List[Tuple[int, float]]]] = {}
+    for run in per_run:
+        if math.isfinite(run["final"]):
+            finals.setdefault(run["method"], {}).setdefault((run["env_id"], run["algo"]), []).append(
+                (run["seed"], run["final"]))
+    tasks = sorted({(run["env_id"], run["algo"]) for run in per_run})
+    methods = sorted(finals, key=method_rank)
+    left_out = {m: [t for t in tasks if t not in finals[m]] for m in methods if len(finals[m]) < len(tasks)}
+    matrices, trimmed = {}, {}
+    for method in [m for m in methods if m not in left_out]:
+        runs = min(len(finals[method][task]) for task in tasks)
+        trimmed[method] = sum(len(finals[method][task]) - runs for task in tasks)
+        matrices[method] = np.array([[score for _, score in sorted(finals[method][task])[:runs]] for task in tasks]).T
+    iqms = {method: seeded_interval_estimates(scores, iqm, reps, seed) for method, scores in matrices.items()}
+    pairs = [(x, y) for x in matrices if x.startswith("samg") for y in BASELINES if y in matrices]
+    improvements = {(x, y): seeded_interval_estimates((matrices[x], matrices[y]), improvement, reps, seed)
+                    for x, y in pairs}
+    return {"tasks": tasks, "matrices": matrices, "trimmed": trimmed, "left_out": left_out, "iqm": iqms,
+            "improvement": improvements}
+
+
+def verdicts(agg: dict) -> List[str]:
+    """Per baseline: did the SAMG default beat it (P(improvement) interval above 0.5), lose, or neither."""
+    default = next((m for m in SAMG_DEFAULTS if m in agg["matrices"]), None)
+    if default is None:
+        return ["No SAMG default (`samg` or `samg-next`) has runs in every task, so there is no verdict."]
+    lines = []
+    for (x, y), (point, low, high) in agg["improvement"].items():
+        if x != default:
+            continue
+        if low > 0.5:
+            outcome = "beat"
+        elif high < 0.5:
+            outcome = "lost to"
+        else:
+            outcome = "was not distinguishable from"
+        lines.append(f"- `{default}` {outcome} `{y}`: P({default} > {y}) = {point:.2f} [{low:.2f}, {high:.2f}] "
+                     f"over {len(agg['tasks'])} task(s).")
+    return lines or [f"No baseline ({', '.join(BASELINES)}) has runs in every task, so there is no verdict."]
+
+
+# --- the markdown ---
+def format_ci(estimate: Tuple[float, float, float], digits: int = 1) -> str:
+    mean, low, high = estimate
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.1f}" if not math.isfinite(std) else f"{mean:.1f} ± {std:.1f}"
+    if low == high == mean:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown_table(rows: List[dict], dip_fraction: float = 0.1) -> str:
-    lines = [
-        f"| env | algo | method | seeds | offline | final online | dip (first {dip_fraction:.0%}) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], dip_fraction: float) -> str:
+    lines = ["## Per cell", "",
+             f"| env | algo | method | seeds | offline | final online | dip (first {dip_fraction:.0%}) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(
-            f"| {row['env_id']} | {row['algo']} | {METHOD_LABELS.get(row['method'], row['method'])} | "
-            f"{len(row['seeds'])} | {format_score(row['offline'], row['offline_std'])} | "
-            f"{format_score(row['final'], row['final_std'])} | {format_score(row['dip'], row['dip_std'])} |"
-        )
+        lines.append(f"| {row['env_id']} | {row['algo']} | {row['method']} | {len(row['seeds'])} | "
+                     f"{format_ci(row['offline'])} | {format_ci(row['final'])} | {format_ci(row['dip'])} |")
+    tasks = ", ".join(f"{env_id} {algo}" for env_id, algo in agg["tasks"])
+    lines += ["", "## Across tasks", "", f"{len(agg['tasks'])} task(s): {tasks}."]
+    for method, missing in agg["left_out"].items():
+        lines.append(f"- left out: `{method}`, no finished run in "
+                     + ", ".join(f"{env_id} {algo}" for env_id, algo in missing) + ".")
+    for method, count in agg["trimmed"].items():
+        if count:
+            lines.append(f"- `{method}`: {count} run(s) beyond its task with fewest runs not used (lowest seeds "
+                         "kept), since rliable needs as many runs in every task.")
+    lines += ["", "| method | runs per task | IQM of final scores |", "| --- | --- | --- |"]
+    for method, estimate in agg["iqm"].items():
+        lines.append(f"| {method} | {agg['matrices'][method].shape[0]} | {format_ci(estimate)} |")
+    lines += ["", "| SAMG method | baseline | P(improvement) |", "| --- | --- | --- |"]
+    for (x, y), estimate in agg["improvement"].items():
+        lines.append(f"| {x} | {y} | {format_ci(estimate, 2)} |")
+    lines += ["", "## Verdict", "", *verdicts(agg), "", "## Methods", ""]
+    for method in sorted(methods_flags, key=method_rank):
+        lines.append(f"- `{method}`: `{' '.join(methods_flags[method]) or '(defaults)'}`")
     return "\n".join(lines) + "\n"
 
 
-# --- learning curves ---
-def mean_curve(curves: List[Tuple[np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and sample std over seeds at the evaluation steps that every seed logged (std 0 for one seed)."""
+# --- plots ---
+def mean_band(curves: List[Tuple[np.ndarray, np.ndarray]], reps: int, seed: int):
+    """Steps every curve logged; the mean over curves there and its 95% percentile bootstrap band."""
     common = curves[0][0]
     for steps, _ in curves[1:]:
         common = np.intersect1d(common, steps)
     stacked = np.stack([values[np.searchsorted(steps, common)] for steps, values in curves])
-    std = stacked.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
-    return common, stacked.mean(axis=0), std
+    resampled = stacked[np.random.default_rng(seed).integers(0, len(curves), (reps, len(curves)))].mean(axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
+    return common, stacked.mean(axis=0), low, high
 
 
-def plot_curves(curves: Dict[Tuple[str, str, str], List[Tuple[np.ndarray, np.ndarray]]], out_dir: Path) -> List[Path]:
-    """One PNG per (env id, algo), one line per method, a band of +- one std over seeds."""
+def gap_curve(scalars: Scalars) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Q_off - Qbar at the steps where both were logged."""
+    if "samg/qoff_values" not in scalars or "samg/qbar_values" not in scalars:
+        return None
+    (off_steps, off), (bar_steps, bar) = scalars["samg/qoff_values"], scalars["samg/qbar_values"]
+    steps = np.intersect1d(off_steps, bar_steps)
+    return steps, off[np.searchsorted(off_steps, steps)] - bar[np.searchsorted(bar_steps, steps)]
+
+
+PANELS = (("normalized score", lambda s: s.get(SCORE_TAG)), ("samg/p_mean", lambda s: s.get("samg/p_mean")),
+          ("samg/p_active_frac", lambda s: s.get("samg/p_active_frac")), ("Q_off - Qbar (next pairs)", gap_curve))
+
+
+def plot_tasks(runs: List[dict], out_dir: Path, reps: int, seed: int) -> List[Path]:
+    """Per task a 2x2 PNG (score and the three diagnostics), one line per method with a 95% bootstrap band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = sorted({run["meta"]["method"] for run in runs}, key=method_rank)  # one colour per method throughout
     paths = []
-    for env_id, algo in sorted({(env_id, algo) for env_id, algo, _ in curves}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        methods = sorted((m for e, a, m in curves if (e, a) == (env_id, algo)), key=method_rank)
-        for method in methods:
-            seed_curves = [c for c in curves[(env_id, algo, method)] if len(c[0])]
-            if not seed_curves:
-                continue
-            steps, mean, std = mean_curve(seed_curves)
-            line, = ax.plot(steps, mean, label=f"{METHOD_LABELS.get(method, method)} (n={len(seed_curves)})")
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(f"{env_id}, {algo}")
-        ax.set_xlabel("online environment steps")
-        ax.set_ylabel("normalized score")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for env_id, algo in sorted({(run["meta"]["env_id"], run["meta"]["algo"]) for run in runs}):
+        task_runs = [run for run in runs if (run["meta"]["env_id"], run["meta"]["algo"]) == (env_id, algo)]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+        for ax, (title, extract) in zip(axes.flat, PANELS):
+            for index, method in enumerate(methods):
+                curves = [c for run in task_runs if run["meta"]["method"] == method
+                          for c in [extract(run["scalars"])] if c is not None and len(c[0])]
+                if not curves:
+                    continue
+                steps, mean, low, high = mean_band(curves, reps, seed)
+                ax.plot(steps, mean, color=f"C{index}", label=f"{method} (n={len(curves)})")
+                ax.fill_between(steps, low, high, color=f"C{index}", alpha=0.2, linewidth=0)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=7)
+        for ax in axes[1]:
+            ax.set_xlabel("online environment steps")
+        fig.suptitle(f"{env_id}, {algo}: mean over seeds, 95% bootstrap band")
         fig.tight_layout()
         path = out_dir / f"curves_{env_id.replace('/', '-')}__{algo}.png"
-        fig.savefig(path, dpi=120)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
+        write_staged(path, buffer.getvalue())
         paths.append(path)
     return paths
 
 
+# --- the report ---
+def check_args(args: Args) -> Path:
+    """Refuses bad numbers and an unusable output place before any work; returns the output directory."""
+    if args.final_evals < 1 or args.reps < 1:
+        fail("--final-evals and --reps must be at least 1")
+    if not 0.0 < args.dip_fraction <= 1.0:
+        fail("--dip-fraction must be in (0, 1]")
+    try:
+        from rliable import library, metrics  # noqa: F401
+    except Exception as error:  # its bootstrap package, arch 7, fails with a TypeError under pandas 3
+        fail(f"the cross-task statistics need rliable, which does not import ({type(error).__name__}: {error}); "
+             "pip install -r requirements.txt (it needs pandas < 3)")
+    if args.from_csv is not None and not Path(args.from_csv).is_dir():
+        fail(f"--from-csv {args.from_csv} is not a directory; give the scalars/ folder that --export-csv wrote")
+    out_dir = Path(args.out_dir if args.out_dir is not None else os.path.join(args.runs_dir, "report"))
+    for place in (out_dir, out_dir / "scalars") if args.export_csv else (out_dir,):
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot write into --out-dir {out_dir} ({error.strerror}); choose another --out-dir")
+    return out_dir
+
+
 def build_report(args: Args) -> Tuple[str, List[Path]]:
-    """Reads every run, writes results.md and the curves into args.out_dir; returns the table and PNG paths."""
-    runs = find_runs(args.runs_dir, args.include_unfinished)
+    """Reads every run, writes results.md, the figures (and the CSV export) into the output directory; returns
+    the markdown after its header (the part that depends only on the runs) and the PNG paths."""
+    out_dir = check_args(args)
+    if args.from_csv is not None:
+        runs, source = runs_from_csv(args.from_csv), f"the CSV export in `{args.from_csv}`"
+    else:
+        runs, source = runs_from_logs(args.runs_dir, args.include_unfinished), f"the logs under `{args.runs_dir}`"
     if not runs:
-        raise SystemExit(f"error: no finished runs (a `suite.json` next to a `DONE` file) under {args.runs_dir}; "
-                         "run benchmark/run_suite.py first, or pass --include-unfinished")
-    per_run, curves = [], {}
-    for meta, run_dir in runs:
-        steps, values = read_scalar(run_dir)
-        if steps.size == 0:
-            print(f"warning: {run_dir} has no {SCORE_TAG}; left out")
+        fail(f"no finished runs in {args.from_csv or args.runs_dir} (a `suite.json` next to a `DONE` file, or CSVs "
+             "from --export-csv); run benchmark/run_suite.py first, or pass --include-unfinished")
+    per_run, used = [], []
+    for run in runs:
+        if SCORE_TAG not in run["scalars"]:
+            print(f"warning: run {run['id']} has no {SCORE_TAG}; left out")
             continue
-        total_steps = meta.get("total_timesteps") or int(steps.max())
+        steps, values = run["scalars"][SCORE_TAG]
+        total_steps = run["meta"].get("total_timesteps") or int(steps.max())
         scores = run_scores(steps, values, total_steps, args.final_evals, args.dip_fraction)
-        per_run.append({**{k: meta[k] for k in ("env_id", "algo", "method", "seed")}, **scores})
-        curves.setdefault((meta["env_id"], meta["algo"], meta["method"]), []).append((steps, values))
-    table = markdown_table(summarize(per_run), args.dip_fraction)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        per_run.append({**{k: run["meta"][k] for k in ("env_id", "algo", "method", "seed")}, **scores})
+        used.append(run)
+    if not used:
+        fail(f"no run has {SCORE_TAG}; are these the online scripts' logs?")
+    if args.export_csv:
+        for run in used:
+            export_csv(run, out_dir / "scalars")
+    methods_flags = {run["meta"]["method"]: run["meta"].get("flags", []) for run in used}
+    body = markdown_body(cell_rows(per_run, args.reps, args.seed), aggregate(per_run, args.reps, args.seed),
+                         methods_flags, args.dip_fraction)
     header = (
-        f"# Results\n\nFrom {len(per_run)} runs under `{args.runs_dir}`. D4RL-normalized scores (x100), mean ± sample "
-        f"std over seeds. offline = evaluation at online step 0; final online = mean of the last {args.final_evals} "
-        f"evaluation(s); dip = lowest evaluation after step 0 within the first {args.dip_fraction:.0%} of online "
-        "steps.\n\n"
+        f"# Results\n\nFrom {len(per_run)} runs in {source}. D4RL-normalized scores (x100). Per cell: mean over "
+        f"seeds [95% percentile bootstrap interval, {args.reps} resamples of the seeds, seed {args.seed}]. "
+        f"offline = evaluation at online step 0; final online = mean of the last {args.final_evals} evaluation(s); "
+        f"dip = lowest evaluation after step 0 within the first {args.dip_fraction:.0%} of online steps. Across "
+        "tasks (rliable): IQM of the final scores and P(improvement) with stratified bootstrap 95% intervals "
+        f"({args.reps} resamples); P(X > Y) counts ties as one half. An interval that is one value is shown as "
+        "that value. Where one checkpoint per (dataset, algo) serves every online seed (see checkpoint_seed in "
+        "the runs' suite.json), the intervals are over online seeds from one start.\n\n"
     )
-    (out_dir / "results.md").write_text(header + table)
-    return table, plot_curves(curves, out_dir)
+    write_staged(out_dir / "results.md", (header + body).encode())
+    return body, plot_tasks(used, out_dir, args.reps, args.seed)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    table, pngs = build_report(args)
-    print(table)
-    print(f"wrote {os.path.join(args.out_dir, 'results.md')} and {len(pngs)} PNG file(s)")
+    body, pngs = build_report(args)
+    print(body)
+    out_dir = Path(args.out_dir if args.out_dir is not None else os.path.join(args.runs_dir, "report"))
+    print(f"wrote {out_dir / 'results.md'} and {len(pngs)} PNG file(s)"
+          + (f"; the per-run scalars in {out_dir / 'scalars'}" if args.export_csv else ""))

@@ -33,15 +33,25 @@ def quick_plan(tmp_path, monkeypatch):
 
 
 # --- run_suite.py ---
-def test_quick_preset_plans_one_dataset_then_18_pretraining_then_36_online_runs(quick_plan):
+def test_quick_preset_plans_one_dataset_then_6_pretraining_then_150_online_runs(quick_plan):
     stages = [run.stage for run in quick_plan]
-    assert stages == ["dataset"] + ["pretrain"] * 18 + ["online"] * 36  # 2 datasets x 3 algos x 3 seeds (x 2 modes)
+    # 2 datasets x 3 algos x 1 checkpoint; 2 datasets x 3 algos x 5 methods x 5 seeds
+    assert stages == ["dataset"] + ["pretrain"] * 6 + ["online"] * 150
     position = {run.id: i for i, run in enumerate(quick_plan)}
     for run in quick_plan:
         assert all(position[dep] < position[run.id] for dep in run.deps), f"{run.id} comes before what it needs"
     dataset = quick_plan[0].command
     assert dataset[1].endswith("make_dataset.py")
     assert dataset[2:7] == ["--gym-id", "Pendulum-v1", "--qualities", "medium", "medium-replay"]
+    online = [run for run in quick_plan if run.stage == "online"]
+    assert {run.meta["method"] for run in online} == {"none", "samg-next", "samg-sample", "samg-both", "offline-0.5"}
+    assert {run.meta["seed"] for run in online} == {1, 2, 3, 4, 5}
+
+
+def contains(command, flags) -> bool:
+    """Whether `flags` appear in `command` as one consecutive run."""
+    flags = list(flags)
+    return any(command[i:i + len(flags)] == flags for i in range(len(command)))
 
 
 def test_every_online_run_loads_the_checkpoint_its_pretraining_run_writes(quick_plan, tmp_path):
@@ -52,40 +62,60 @@ def test_every_online_run_loads_the_checkpoint_its_pretraining_run_writes(quick_
     for run in online:
         command = run.command
         assert Path(command[command.index("--checkpoint") + 1]) == outputs[run.deps[0]]
+        assert run.deps[0].endswith("__1") and run.meta["checkpoint_seed"] == 1  # one checkpoint serves all seeds
         assert Path(command[command.index("--run-dir") + 1]) == run.run_dir == tmp_path / "runs" / run.id
-        assert command[command.index("--total-timesteps") + 1] == "15000"
-        assert command[command.index("--qoff-refresh-every") + 1] == "3000"
+        assert command[command.index("--total-timesteps") + 1] == "10000"
+        assert command[command.index("--qoff-refresh-every") + 1] == "2000"
         assert command[command.index("--seed") + 1] == str(run.meta["seed"])
-        mode = command[command.index("--coef-mode") + 1]
-        assert mode == run.meta["coef_mode"] and run.meta["method"] in ("cvae", "none")
-        assert ("--no-adaptive" in command) == (mode == "none")  # p = 0 runs once, without the adaptive update
+        assert contains(command, suite.METHODS[run.meta["method"]])
+        assert run.meta["flags"] == list(suite.METHODS[run.meta["method"]])
+    offline_half = next(run for run in online if run.meta["method"] == "offline-0.5").command
+    assert contains(offline_half, ["--coef-mode", "none", "--offline-data-ratio", "0.5"])
     pretrain = next(run for run in quick_plan if run.stage == "pretrain")
     assert {"--total-steps", "--cvae-steps", "--checkpoint-dir", "--algo", "--env-id"} <= set(pretrain.command)
     assert pretrain.deps == ["dataset__pendulum"]
 
 
-def test_paper_preset_covers_9_d4rl_datasets_x_3_algos_x_7_methods_x_5_seeds_without_a_dataset_stage():
+def test_paper_preset_covers_9_d4rl_datasets_x_3_algos_x_6_methods_x_5_seeds_without_a_dataset_stage():
     preset, runs_dir, checkpoint_dir = suite.resolve(suite.Args(preset="paper"))
     runs = suite.plan("paper", preset, runs_dir, checkpoint_dir)
     assert (runs_dir, checkpoint_dir) == ("runs/paper", "checkpoints/paper")
-    assert sum(run.stage == "pretrain" for run in runs) == 9 * 3 * 5
-    assert sum(run.stage == "online" for run in runs) == 9 * 3 * 7 * 5  # cvae, even, random x 2 variants + none
+    assert sum(run.stage == "pretrain" for run in runs) == 9 * 3 * 5  # a checkpoint per online seed
+    assert sum(run.stage == "online" for run in runs) == 9 * 3 * 6 * 5
     assert not any(run.stage == "dataset" for run in runs)
     assert {run.meta["method"] for run in runs if run.stage == "online"} == {
-        "cvae", "cvae-static", "even", "even-static", "random", "random-static", "none"}
+        "samg", "samg-static", "even", "random", "none", "offline-0.5"}
+    assert all(run.meta["checkpoint_seed"] == run.meta["seed"] for run in runs if run.stage == "online")
     pretrain = next(run for run in runs if run.stage == "pretrain")
     assert pretrain.command[pretrain.command.index("--total-steps") + 1] == "1000000"
 
 
 def test_flags_override_the_preset():
     preset, _, _ = suite.resolve(suite.Args(preset="paper", env_ids=("hopper-medium-v2",), algos=("td3bc",),
-                                            coef_modes=("cvae", "random"), variants=("static",), seeds=(7,),
+                                            methods=("samg-static", "random-static"), seeds=(7,),
                                             online_steps=1234))
     runs = suite.plan("paper", preset, "r", "c")
     online = [run for run in runs if run.stage == "online"]
-    assert [run.id for run in online] == ["hopper-medium-v2__td3bc__cvae-static__7",
+    assert [run.id for run in online] == ["hopper-medium-v2__td3bc__samg-static__7",
                                           "hopper-medium-v2__td3bc__random-static__7"]
     assert all("--no-adaptive" in run.command and "1234" in run.command for run in online)
+    with pytest.raises(SystemExit, match="unknown method cvae"):
+        suite.resolve(suite.Args(preset="quick", methods=("cvae",)))
+
+
+def test_pretrain_seeds_n_maps_online_seed_k_to_checkpoint_k_minus_1_mod_n_plus_1():
+    preset, _, _ = suite.resolve(suite.Args(preset="quick", env_ids=("local/pendulum/medium-v0",), algos=("cql",),
+                                            methods=("none",), seeds=(1, 2, 3, 4, 5), pretrain_seeds=2))
+    runs = suite.plan("quick", preset, "r", "c")
+    assert [run.id for run in runs if run.stage == "pretrain"] == [
+        "local-pendulum-medium-v0__cql__1", "local-pendulum-medium-v0__cql__2"]
+    online = [run for run in runs if run.stage == "online"]
+    assert [(run.meta["seed"], run.meta["checkpoint_seed"]) for run in online] == [(1, 1), (2, 2), (3, 1), (4, 2),
+                                                                                   (5, 1)]
+    for run in online:
+        checkpoint = run.command[run.command.index("--checkpoint") + 1]
+        assert checkpoint == str(Path("c") / f"local-pendulum-medium-v0__cql__{run.meta['checkpoint_seed']}.pt")
+        assert run.deps == [f"local-pendulum-medium-v0__cql__{run.meta['checkpoint_seed']}"]
 
 
 def test_print_commands_lists_only_runs_whose_results_are_missing(tmp_path):
@@ -99,22 +129,23 @@ def test_print_commands_lists_only_runs_whose_results_are_missing(tmp_path):
         return result.stdout.strip().splitlines()
 
     first = lines()
-    assert len(first) == 1 + 18 + 36
+    assert len(first) == 1 + 6 + 150
     assert first[0].startswith("python make_dataset.py --gym-id Pendulum-v1")
     assert first[1].startswith("python pretrain_offline.py --env-id local/pendulum/medium-v0 --algo cql --seed 1")
-    assert "--coef-mode cvae" in first[19] and first[19].endswith("/DONE")
+    assert "local-pendulum-medium-v0__cql__none__1" in first[7] and "--coef-mode none" in first[7]
+    assert first[7].endswith("/DONE")
     # fake results: both datasets, one checkpoint, one finished online run
     for quality in ("medium", "medium-replay"):
         (tmp_path / "minari" / "local" / "pendulum" / f"{quality}-v0" / "data").mkdir(parents=True)
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "local-pendulum-medium-v0__cql__1.pt").write_bytes(b"")
-    (tmp_path / "runs" / "local-pendulum-medium-v0__cql__cvae__1").mkdir(parents=True)
-    (tmp_path / "runs" / "local-pendulum-medium-v0__cql__cvae__1" / "DONE").write_text("")
+    (tmp_path / "runs" / "local-pendulum-medium-v0__cql__none__1").mkdir(parents=True)
+    (tmp_path / "runs" / "local-pendulum-medium-v0__cql__none__1" / "DONE").write_text("")
     second = lines()
-    assert len(second) == 55 - 3
+    assert len(second) == 157 - 3
     assert not any("make_dataset.py" in line or "medium-v0 --algo cql --seed 1 " in line for line in second)
     assert any("medium-replay-v0 --algo cql --seed 1 " in line for line in second)
-    assert not any("local-pendulum-medium-v0__cql__cvae__1 " in line for line in second)
+    assert not any("local-pendulum-medium-v0__cql__none__1 " in line for line in second)
 
 
 def test_a_missing_dataset_is_not_remade_when_every_run_that_needs_it_is_done(quick_plan):
@@ -123,7 +154,7 @@ def test_a_missing_dataset_is_not_remade_when_every_run_that_needs_it_is_done(qu
             run.outputs[0].parent.mkdir(parents=True, exist_ok=True)
             run.outputs[0].write_bytes(b"")
     todo = suite.runs_to_do(quick_plan)
-    assert [run.stage for run in todo] == ["online"] * 36
+    assert [run.stage for run in todo] == ["online"] * 150
 
 
 def fake_run(tmp_path, run_id, stage, code, deps=(), online=False):
@@ -154,18 +185,26 @@ def test_execute_skips_finished_runs_and_continues_past_a_failure(tmp_path, caps
 
 
 # --- report.py ---
-def write_scores(run_dir: Path, scores: dict, meta: dict, done: bool = True):
-    """A run as the suite leaves it: suite.json, DONE, and the script's events in a subdirectory."""
+def write_run(run_dir: Path, meta: dict, scalars: dict, done: bool = True):
+    """A run as the suite leaves it: suite.json, DONE, and the script's events ({tag: {step: value}}) in a
+    subdirectory."""
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir.mkdir(parents=True)
     (run_dir / "suite.json").write_text(json.dumps(meta))
     writer = SummaryWriter(str(run_dir / "env__samg__1__0"))
-    for step, value in scores.items():
-        writer.add_scalar("eval/normalized_score", value, step)
+    for tag, values in scalars.items():
+        for step, value in values.items():
+            writer.add_scalar(tag, value, step)
     writer.close()
     if done:
         (run_dir / "DONE").write_text("")
+
+
+def scored(env_id, algo, method, finals):
+    """Per-run rows as build_report makes them, one per seed, with the given final scores."""
+    return [{"env_id": env_id, "algo": algo, "method": method, "seed": seed, "offline": 0.0, "final": final,
+             "dip": 0.0} for seed, final in enumerate(finals, 1)]
 
 
 def test_run_scores_take_step_0_the_last_evaluations_and_the_minimum_of_the_first_tenth():
@@ -177,46 +216,163 @@ def test_run_scores_take_step_0_the_last_evaluations_and_the_minimum_of_the_firs
     assert np.isnan(report.run_scores(np.array([0, 500]), np.array([1.0, 2.0]), total_steps=1000)["dip"])
 
 
-def test_mean_std_is_the_sample_std_over_seeds():
-    assert report.mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, pytest.approx(np.sqrt(5.0 / 3.0)))
-    mean, std = report.mean_std([7.0])
-    assert mean == 7.0 and np.isnan(std)
+def test_bootstrap_interval_of_two_seeds_spans_exactly_their_scores_and_matches_a_direct_resampling():
+    # resampling two values gives means a, (a+b)/2, b with probabilities 1/4, 1/2, 1/4: the 2.5% and 97.5%
+    # percentiles are a and b
+    assert report.bootstrap_mean_ci([10.0, 20.0], reps=4000, seed=3) == (15.0, 10.0, 20.0)
+    values = np.array([3.0, 9.0, 4.0, 20.0, 7.0])
+    indices = np.random.default_rng(11).integers(0, 5, (500, 5))
+    low, high = np.percentile(values[indices].mean(axis=1), [2.5, 97.5])
+    assert report.bootstrap_mean_ci([*values, float("nan")], reps=500, seed=11) == (8.6, low, high)
+    assert 3.0 <= low < 8.6 < high <= 20.0
+    assert report.bootstrap_mean_ci([5.0, 5.0, 5.0], reps=100, seed=0) == (5.0, 5.0, 5.0)
+    assert all(np.isnan(report.bootstrap_mean_ci([float("nan")], reps=100, seed=0)))
 
 
-def test_report_on_synthetic_logs_gives_exact_means_stds_dips_and_a_png(tmp_path):
+def test_iqm_is_the_mean_of_the_middle_half_of_all_runs_and_tasks_and_its_interval_shrinks_with_more_runs():
+    task_a, task_b = [100.0, 3.0, 8.0, 6.0], [-50.0, 5.0, 4.0, 7.0]
+    per_run = scored("e1", "cql", "samg", task_a) + scored("e2", "cql", "samg", task_b)
+    point, low, high = report.aggregate(per_run, reps=300, seed=0)["iqm"]["samg"]
+    assert point == pytest.approx(np.mean([4.0, 5.0, 6.0, 7.0]))  # sorted: -50 3 | 4 5 6 7 | 8 100
+    assert low <= point <= high and high - low > 0
+    more = scored("e1", "cql", "samg", task_a * 4) + scored("e2", "cql", "samg", task_b * 4)
+    point_more, low_more, high_more = report.aggregate(more, reps=300, seed=0)["iqm"]["samg"]
+    assert point_more == pytest.approx(point) and high_more - low_more < high - low
+
+
+def test_probability_of_improvement_counts_pairwise_wins_with_ties_as_one_half_averaged_over_tasks():
+    per_run = (scored("e1", "cql", "samg", [1.0, 2.0, 3.0]) + scored("e1", "cql", "none", [2.0, 2.0, 0.0])
+               + scored("e2", "cql", "samg", [5.0, 5.0, 5.0]) + scored("e2", "cql", "none", [1.0, 9.0, 5.0]))
+    # e1: 1 beats 0; 2 ties 2 twice and beats 0; 3 beats all three: 6 of 9. e2: 3 wins, 3 ties: 4.5 of 9.
+    point, low, high = report.aggregate(per_run, reps=200, seed=0)["improvement"][("samg", "none")]
+    assert point == pytest.approx((6 / 9 + 4.5 / 9) / 2)
+    assert 0.0 <= low <= point <= high <= 1.0
+
+
+def test_the_array_count_of_improvement_equals_rliables_mann_whitney_version_ties_and_equal_columns_included():
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    for runs_x, runs_y in ((5, 5), (3, 7), (1, 4)):
+        x, y = rng.integers(0, 4, (runs_x, 3)).astype(float), rng.integers(0, 4, (runs_y, 3)).astype(float)
+        assert report.improvement(x, y)[0] == pytest.approx(metrics.probability_of_improvement(x, y), abs=1e-12)
+    same = np.array([[1.0, 2.0], [3.0, 2.0]])
+    assert report.improvement(same, same)[0] == metrics.probability_of_improvement(same, same) == 0.5
+
+
+def test_verdicts_say_beat_lost_or_not_distinguishable_from_the_interval_of_p_improvement():
+    per_run = []
+    for env_id in ("e1", "e2"):
+        per_run += scored(env_id, "td3bc", "samg-next", [50.0, 51.0, 52.0, 53.0, 54.0])
+        per_run += scored(env_id, "td3bc", "none", [10.0, 11.0, 12.0, 13.0, 14.0])
+        per_run += scored(env_id, "td3bc", "offline-0.5", [90.0, 91.0, 92.0, 93.0, 94.0])
+        per_run += scored(env_id, "td3bc", "even", [50.0, 51.0, 52.0, 53.0, 54.0])
+    per_run += scored("e1", "td3bc", "random", [0.0] * 5)  # only in one task: left out of the aggregate
+    agg = report.aggregate(per_run, reps=200, seed=0)
+    assert agg["left_out"] == {"random": [("e2", "td3bc")]} and "random" not in agg["iqm"]
+    assert agg["improvement"][("samg-next", "none")] == (1.0, 1.0, 1.0)
+    assert agg["improvement"][("samg-next", "offline-0.5")] == (0.0, 0.0, 0.0)
+    assert report.verdicts(agg) == [
+        "- `samg-next` beat `none`: P(samg-next > none) = 1.00 [1.00, 1.00] over 2 task(s).",
+        "- `samg-next` lost to `offline-0.5`: P(samg-next > offline-0.5) = 0.00 [0.00, 0.00] over 2 task(s).",
+        "- `samg-next` was not distinguishable from `even`: P(samg-next > even) = 0.50 "
+        f"[{agg['improvement'][('samg-next', 'even')][1]:.2f}, {agg['improvement'][('samg-next', 'even')][2]:.2f}] "
+        "over 2 task(s).",
+    ]
+    low, high = agg["improvement"][("samg-next", "even")][1:]
+    assert low < 0.5 < high
+
+
+def test_aggregate_is_reproducible_and_leaves_numpys_global_generator_alone():
+    per_run = scored("e1", "cql", "samg", [1.0, 4.0, 2.0]) + scored("e1", "cql", "none", [3.0, 0.0, 2.5])
+    np.random.seed(123)
+    first = report.aggregate(per_run, reps=100, seed=5)
+    draw = np.random.rand()
+    np.random.seed(123)
+    assert np.random.rand() == draw
+    second = report.aggregate(per_run, reps=100, seed=5)
+    assert (first["iqm"], first["improvement"]) == (second["iqm"], second["improvement"])
+    assert report.aggregate(per_run, reps=100, seed=6)["iqm"]["samg"][1:] != first["iqm"]["samg"][1:]
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """Two methods on one task, with the SAMG diagnostics logged every 100 steps; one unfinished run."""
     runs = tmp_path / "runs"
-    base = {"env_id": "local/pendulum/medium-v0", "algo": "cql", "total_timesteps": 1000}
-    # cvae: offline 50 each seed; dips 40, 42, 44 (at step 100); finals 90, 92, 94
+    base = {"env_id": "local/pendulum/medium-v0", "algo": "cql", "total_timesteps": 1000, "checkpoint_seed": 1}
+
+    def diagnostics(p):
+        return {"samg/p_mean": {s: p for s in range(0, 1001, 100)},
+                "samg/p_active_frac": {s: p / 2 for s in range(0, 1001, 100)},
+                "samg/qoff_values": {s: -10.0 for s in range(0, 1001, 100)},
+                "samg/qbar_values": {s: -10.0 - s / 100 for s in range(0, 1001, 100)},
+                "losses/qf_loss": {s: 1.5 for s in range(100, 1001, 100)}}
+
+    # samg: offline 50 each seed; dips 40, 42, 44 (at step 100); finals 90, 92, 94
     for seed, shift in zip((1, 2, 3), (0.0, 2.0, 4.0)):
         scores = {0: 50.0, 50: 45.0 + shift, 100: 40.0 + shift, 200: 30.0, 500: 70.0, 1000: 90.0 + shift}
-        write_scores(runs / f"cvae{seed}", scores, {**base, "method": "cvae", "seed": seed})
+        write_run(runs / f"samg{seed}", {**base, "method": "samg", "flags": ["--coef-mode", "cvae"], "seed": seed},
+                  {"eval/normalized_score": scores, **diagnostics(0.5)})
     # none: offline 50, dip 10 and 20 (the step-200 evaluation lies outside the first 10%), finals 60, 80
     for seed, (dip, final) in zip((1, 2), ((10.0, 60.0), (20.0, 80.0))):
         scores = {0: 50.0, 100: dip, 200: 0.0, 1000: final}
-        write_scores(runs / f"none{seed}", scores, {**base, "method": "none", "seed": seed})
-    write_scores(runs / "unfinished", {0: 0.0, 1000: 0.0}, {**base, "method": "none", "seed": 3}, done=False)
+        write_run(runs / f"none{seed}", {**base, "method": "none", "flags": ["--coef-mode", "none"], "seed": seed},
+                  {"eval/normalized_score": scores, **diagnostics(0.0)})
+    write_run(runs / "unfinished", {**base, "method": "none", "seed": 3}, {"eval/normalized_score": {0: 0.0}},
+              done=False)
+    return runs
 
-    table, pngs = report.build_report(report.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out")))
-    rows = report.summarize([
-        {**meta, **report.run_scores(*report.read_scalar(run_dir), meta["total_timesteps"])}
-        for meta, run_dir in report.find_runs(str(runs))])
-    cvae, none = rows
-    assert (cvae["method"], cvae["seeds"], none["method"], none["seeds"]) == ("cvae", [1, 2, 3], "none", [1, 2])
-    assert (cvae["offline"], cvae["offline_std"]) == (50.0, 0.0)
-    assert (cvae["final"], cvae["final_std"]) == (92.0, 2.0)
-    assert (cvae["dip"], cvae["dip_std"]) == (42.0, 2.0)
-    assert (none["final"], none["final_std"]) == (70.0, pytest.approx(np.sqrt(200.0)))
-    assert (none["dip"], none["dip_std"]) == (15.0, pytest.approx(np.sqrt(50.0)))
-    assert "| cql | SAMG (C-VAE p, adaptive) | 3 | 50.0 ± 0.0 | 92.0 ± 2.0 | 42.0 ± 2.0 |" in table
-    assert "| no guidance (p = 0) | 2 | 50.0 ± 0.0 | 70.0 ± 14.1 | 15.0 ± 7.1 |" in table
-    assert (tmp_path / "out" / "results.md").read_text().endswith(table)
-    assert [p.name for p in pngs] == ["curves_local-pendulum-medium-v0__cql.png"]
+
+def test_report_on_synthetic_logs_gives_means_with_bootstrap_intervals_and_a_2x2_png_under_the_runs_dir(
+        synthetic_runs):
+    body, pngs = report.build_report(report.Args(runs_dir=str(synthetic_runs), reps=2000))
+    out = synthetic_runs / "report"  # the default output place
+    assert "| local/pendulum/medium-v0 | cql | samg | 3 | 50.0 | 92.0 [90.0, 94.0] | 42.0 [40.0, 44.0] |" in body
+    assert "| local/pendulum/medium-v0 | cql | none | 2 | 50.0 | 70.0 [60.0, 80.0] | 15.0 [10.0, 20.0] |" in body
+    assert "| samg | 3 | 92.0 [90.0, 94.0] |" in body  # one task: the IQM of 3 runs is their middle one's
+    assert "| samg | none | 1.00 |" in body and "- `samg` beat `none`" in body
+    assert "- `samg`: `--coef-mode cvae`" in body
+    assert (out / "results.md").read_text().endswith(body)
+    assert "From 5 runs" in (out / "results.md").read_text()  # the unfinished run is left out
+    assert [p.name for p in pngs] == ["curves_local-pendulum-medium-v0__cql.png"] and pngs[0].parent == out
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "scalars").exists()
 
 
-def test_report_says_what_to_do_when_no_run_has_finished(tmp_path):
+def test_csv_export_rebuilds_the_same_report_without_the_logs(synthetic_runs, tmp_path):
+    body, pngs = report.build_report(report.Args(runs_dir=str(synthetic_runs), export_csv=True, reps=200))
+    scalars = synthetic_runs / "report" / "scalars"
+    assert sorted(p.name for p in scalars.iterdir()) == sorted(
+        f"{name}.{ext}" for name in ("none1", "none2", "samg1", "samg2", "samg3") for ext in ("csv", "json"))
+    lines = (scalars / "samg1.csv").read_text().splitlines()
+    assert lines[0] == ("step,eval/normalized_score,losses/qf_loss,samg/p_mean,samg/p_active_frac,"
+                        "samg/qoff_values,samg/qbar_values")
+    assert lines[1] == "0,50.0,,0.5,0.25,-10.0,-10.0" and lines[2].startswith("50,45.0,,,")
+    assert json.loads((scalars / "samg1.json").read_text())["method"] == "samg"
+    rebuilt, rebuilt_pngs = report.build_report(report.Args(runs_dir=str(tmp_path / "elsewhere"),
+                                                            from_csv=str(scalars),
+                                                            out_dir=str(tmp_path / "rebuilt"), reps=200))
+    assert rebuilt == body
+    assert [p.read_bytes() for p in rebuilt_pngs] == [p.read_bytes() for p in pngs]
+    assert (tmp_path / "rebuilt" / "results.md").read_text().endswith(body)
+
+
+def test_gap_curve_is_qoff_minus_qbar_at_the_steps_both_were_logged():
+    scalars = {"samg/qoff_values": (np.array([0, 100, 200]), np.array([-5.0, -6.0, -7.0])),
+               "samg/qbar_values": (np.array([100, 200, 300]), np.array([-8.0, -6.5, 0.0]))}
+    steps, gap = report.gap_curve(scalars)
+    assert steps.tolist() == [100, 200] and gap.tolist() == [2.0, -0.5]
+    assert report.gap_curve({"samg/qoff_values": scalars["samg/qoff_values"]}) is None
+
+
+def test_report_says_what_to_do_when_no_run_has_finished_or_the_output_place_is_blocked(tmp_path):
     with pytest.raises(SystemExit, match="no finished runs"):
         report.build_report(report.Args(runs_dir=str(tmp_path), out_dir=str(tmp_path / "out")))
+    (tmp_path / "blocked").write_text("a file in the way")
+    with pytest.raises(SystemExit, match="cannot write into --out-dir"):
+        report.build_report(report.Args(runs_dir=str(tmp_path), out_dir=str(tmp_path / "blocked" / "report")))
+    with pytest.raises(SystemExit, match="--dip-fraction"):
+        report.build_report(report.Args(runs_dir=str(tmp_path), dip_fraction=0.0))
 
 
 # --- ood.py ---
