@@ -1,7 +1,7 @@
 """D4RL-style offline datasets for any Gymnasium env, written in Minari format; import of original D4RL files.
 
     python make_dataset.py --env-id hopper-medium-replay-v2
-    python make_dataset.py --gym-id Pendulum-v1 --qualities random medium medium-replay --sac-steps 20000
+    python make_dataset.py --gym-id Pendulum-v1 --qualities random medium medium-replay --total-timesteps 20000
     python make_dataset.py --from-d4rl hopper_medium-v2.hdf5
 
 The recipe is D4RL's (Fu et al. 2020): one SAC behaviour agent is trained online. `random` is a uniform random
@@ -11,18 +11,21 @@ to the expert reference return; `medium-replay` is every transition of its repla
 `local/{env}/{quality}-v0` (imports: `d4rl/{env}/{quality}-v2`) with reference scores in its metadata, so
 `minari.get_normalized_score` and the pretraining and online scripts report D4RL-normalized scores.
 """
+import contextlib
 import copy
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import gymnasium as gym
@@ -49,7 +52,7 @@ class Args:
     """qualities to write (default: the one in --env-id, else random medium medium-replay)"""
     transitions: int = 1_000_000
     """transitions in random, medium and expert (medium-expert holds both; medium-replay what the buffer held)"""
-    sac_steps: int = 1_000_000
+    total_timesteps: int = 1_000_000
     """environment steps of the SAC behaviour agent (at most; it stops at the medium snapshot if nothing needs more)"""
     medium_return: Optional[float] = None
     """evaluation return that makes the medium snapshot (default: a third of the way from random to expert reference)"""
@@ -79,8 +82,24 @@ class Args:
     """discount factor"""
     tau: float = 0.005
     """target network smoothing coefficient"""
-    lr: float = 3e-4
-    """learning rate of actor, critics and entropy temperature"""
+    critic_lr: float = 3e-4
+    """learning rate of the critics"""
+    actor_lr: float = 3e-4
+    """learning rate of the actor"""
+    alpha_lr: float = 3e-4
+    """learning rate of the entropy temperature"""
+    log_freq: int = 1000
+    """write the SAC losses to TensorBoard every this many steps"""
+    exp_name: str = "make_dataset"
+    """the name of this experiment, part of the run name"""
+    run_dir: str = "runs"
+    """TensorBoard logs of the behaviour agent go to {run_dir}/{run_name}"""
+    track: bool = False
+    """also log the behaviour agent to Weights and Biases"""
+    wandb_project_name: str = "samg"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
     cuda: bool = True
     """train on CUDA when it is available"""
 
@@ -340,29 +359,7 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 D4RL_LOCOMOTION = tuple(name for name, (_, ref_min, _) in GYM_ENVS.items() if ref_min is not None)
-
-
-class Progress:
-    """Prints `[label] done/total, rate, ETA` at most every `every` seconds (and when forced)."""
-
-    def __init__(self, label: str, total: int, every: float = 10.0):
-        self.label, self.total, self.every = label, total, every
-        self.last, self.last_done = time.time(), 0
-
-    def update(self, done: int, extra: str = "", force: bool = False):
-        now = time.time()
-        if not force and (done == self.last_done or (now - self.last < self.every and done < self.total)):
-            return
-        rate = (done - self.last_done) / max(now - self.last, 1e-9)  # recent rate: warm-up phases run faster
-        eta = (self.total - done) / max(rate, 1e-9)
-        self.last, self.last_done = now, done
-        print(f"[{self.label}] {done}/{self.total}  {rate:.0f}/s  ETA {format_seconds(eta)}  {extra}".rstrip(),
-              flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+STAGING_PREFIX = ".make_dataset-"  # hidden folders of the Minari store where new datasets are built
 
 
 def env_name_of(gym_id: str) -> str:
@@ -378,7 +375,13 @@ def resolve_request(args: Args) -> Tuple[str, str, List[str]]:
     qualities = list(args.qualities)
     if args.env_id is not None:
         parsed = parse_d4rl_name(args.env_id)
-        if parsed is None or parsed[0] not in GYM_ENVS:
+        if parsed is not None and parsed[0] not in GYM_ENVS:
+            # antmaze and adroit data come from D4RL's planners and human demonstrations, not from a SAC agent
+            port = f"D4RL/antmaze/{parsed[1]}-v1" if parsed[0] == "antmaze" else f"D4RL/{parsed[0]}/{parsed[1]}-v2"
+            fail(f"{args.env_id} cannot be generated here (D4RL made it with planners or human demonstrations); "
+                 f"use Minari's hosted port {port}, which `python pretrain_offline.py --env-id {args.env_id}` "
+                 f"downloads, or `minari download {port}`")
+        if parsed is None:
             fail(f"make_dataset.py cannot make {args.env_id!r}; name it {{env}}-{{quality}}-v{{k}} with env in "
                  f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or pass --gym-id")
         env_name, quality = parsed
@@ -391,8 +394,6 @@ def resolve_request(args: Args) -> Tuple[str, str, List[str]]:
         qualities = qualities or ["random", "medium", "medium-replay"]
     else:
         fail("say what to make: --env-id hopper-medium-v2, --gym-id Hopper-v5 --qualities ..., or --from-d4rl FILE")
-    if min(args.transitions, args.sac_steps, args.eval_freq, args.eval_episodes, args.ref_episodes) < 1:
-        fail("--transitions, --sac-steps, --eval-freq, --eval-episodes and --ref-episodes must be at least 1")
     unknown = [quality for quality in qualities if quality not in QUALITIES]
     if unknown:
         fail(f"unknown quality {unknown[0]!r}; choose from {', '.join(QUALITIES)}")
@@ -405,18 +406,32 @@ def make_checked_env(gym_id: str, seed: int) -> gym.Env:
         env = make_env(gym_id, {}, seed)
     except gym.error.Error as exc:
         fail(f"{gym_id!r} is not a Gymnasium environment here ({type(exc).__name__}); pass an id such as Hopper-v5")
-    obs_space, act_space = env.observation_space, env.action_space
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1
-            and isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
-        fail(f"{gym_id} has {obs_space} observations and {act_space} actions; make_dataset.py needs flat Box spaces")
+    for what, space in (("actions", env.action_space), ("observations", env.observation_space)):
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+            fail(f"{gym_id} has {type(space).__name__} {what} of shape {space.shape}; make_dataset.py trains a SAC "
+                 f"agent, which needs continuous (Box) actions and flat Box observations")
     return env
+
+
+def minari_store() -> Path:
+    """The Minari store's folder, as minari finds it, without minari's own makedirs (which would raise a traceback
+    on a blocked place)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
 
 
 def check_free(dataset_ids: List[str], overwrite: bool):
     """Refuses to replace an existing dataset unless --overwrite, before any time is spent."""
     for dataset_id in dataset_ids:
-        if get_dataset_path(dataset_id).exists() and not overwrite:
-            fail(f"{dataset_id} already exists in {get_dataset_path()}; pass --overwrite to replace it")
+        if (minari_store() / dataset_id).exists() and not overwrite:
+            fail(f"{dataset_id} already exists in {minari_store()}; pass --overwrite to replace it")
+
+
+def check_reference_scores(gym_id: str, env_name: str, qualities: List[str], expert_return: Optional[float]):
+    """Every dataset stores reference scores; an env without D4RL's needs the trained agent's return or
+    --expert-return, so a run that trains no agent must be given it before anything is collected."""
+    if GYM_ENVS.get(env_name, (None, None))[1] is None and expert_return is None and qualities == ["random"]:
+        fail(f"{gym_id} has no D4RL reference scores and random data trains no agent whose return could serve as the "
+             f"expert reference; pass --expert-return R (a trained agent's return) or add a quality such as medium")
 
 
 class UniformRandomPolicy:
@@ -431,34 +446,39 @@ class UniformRandomPolicy:
 
 
 class TransitionStore:
-    """Preallocated transitions in the order they happened: the SAC replay buffer, and every collected dataset.
-    Actions are kept in the networks' [-1, 1] scale; `arrays` hands them out in the environment's scale."""
+    """Preallocated transitions in the order they happened, as tensors on `device`: the SAC replay buffer (sampled
+    where it lives, with no copy through numpy), and every collected dataset. Actions are kept in the networks'
+    [-1, 1] scale; `arrays` hands them out in the environment's scale."""
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
-        self.observations = np.zeros((capacity, obs_dim), np.float32)
-        self.next_observations = np.zeros((capacity, obs_dim), np.float32)
-        self.actions = np.zeros((capacity, act_dim), np.float32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.terminations = np.zeros(capacity, bool)
-        self.truncations = np.zeros(capacity, bool)
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device = torch.device("cpu")):
+        self.observations = torch.zeros(capacity, obs_dim, device=device)
+        self.next_observations = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, act_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.terminations = torch.zeros(capacity, device=device)  # 1.0 / 0.0, as the Bellman target uses it
+        self.truncations = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.size = 0
 
     def add(self, obs, action, reward, next_obs, terminated, truncated):
         i = self.size
-        self.observations[i], self.actions[i], self.rewards[i] = obs, action, reward
-        self.next_observations[i], self.terminations[i], self.truncations[i] = next_obs, terminated, truncated
+        self.observations[i], self.actions[i] = torch.from_numpy(obs), torch.from_numpy(action)
+        self.next_observations[i] = torch.from_numpy(next_obs)
+        self.rewards[i], self.terminations[i], self.truncations[i] = float(reward), float(terminated), truncated
         self.size += 1
 
-    def sample(self, batch_size: int, device: torch.device):
-        idx = np.random.randint(0, self.size, batch_size)
-        arrays = (self.observations, self.actions, self.rewards, self.next_observations, self.terminations)
-        return tuple(torch.as_tensor(x[idx], dtype=torch.float32, device=device) for x in arrays)
+    def sample(self, batch_size: int):
+        idx = torch.randint(0, self.size, (batch_size,), device=self.rewards.device)
+        return (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                self.terminations[idx])
 
     def arrays(self, end: int, low: np.ndarray, high: np.ndarray) -> Dict[str, np.ndarray]:
-        return dict(observations=self.observations[:end], next_observations=self.next_observations[:end],
-                    actions=to_env_action(self.actions[:end], low, high).astype(np.float32),
-                    rewards=self.rewards[:end], terminations=self.terminations[:end],
-                    truncations=self.truncations[:end])
+        def host(x):
+            return x[:end].cpu().numpy()
+
+        return dict(observations=host(self.observations), next_observations=host(self.next_observations),
+                    actions=to_env_action(host(self.actions), low, high).astype(np.float32),
+                    rewards=host(self.rewards), terminations=host(self.terminations).astype(bool),
+                    truncations=host(self.truncations))
 
 
 def to_episodes(data: Dict[str, np.ndarray]) -> List[EpisodeBuffer]:
@@ -491,64 +511,84 @@ def collect(env: gym.Env, policy, transitions: int, deterministic: bool, seed: i
     """Runs `policy` for exactly `transitions` steps, resetting at episode ends (D4RL's collection)."""
     low, high = env.action_space.low, env.action_space.high
     store = TransitionStore(transitions, env.observation_space.shape[0], env.action_space.shape[0])
-    progress = Progress(label, transitions)
+    progress = Progress(transitions)
     obs, _ = env.reset(seed=seed)
     for step in range(1, transitions + 1):
         action = act_numpy(policy, obs, deterministic, device)
         next_obs, reward, terminated, truncated, _ = env.step(to_env_action(action, low, high))
         store.add(obs, action, reward, next_obs, terminated, truncated)
         obs = next_obs if not (terminated or truncated) else env.reset()[0]
-        progress.update(step)
+        progress.update(step, f"collecting {label}")
     return store.arrays(store.size, low, high)
 
 
-def sac_update(batch, actor, critic, critic_target, log_alpha, optimizers, gamma: float, target_entropy: float):
-    """One SAC step (Haarnoja et al. 2018): twin-critic soft Bellman backup, reparameterised actor, and automatic
-    entropy tuning towards `target_entropy`."""
+# --- the SAC behaviour agent (Haarnoja et al. 2018) ---
+def update_critic(batch, actor, critic, critic_target, log_alpha, critic_optimizer, gamma: float) -> torch.Tensor:
+    """Twin-critic soft Bellman backup; returns the mean over critics of each critic's MSE (CleanRL's qf_loss)."""
     obs, actions, rewards, next_obs, terminations = batch
-    actor_optimizer, critic_optimizer, alpha_optimizer = optimizers
-    alpha = log_alpha.exp().detach()
     with torch.no_grad():
         next_actions, next_log_prob, _ = actor(next_obs)
-        next_q = critic_target(next_obs, next_actions).min(0).values - alpha * next_log_prob
+        next_q = critic_target(next_obs, next_actions).min(0).values - log_alpha.exp() * next_log_prob
         target = rewards + gamma * (1.0 - terminations) * next_q
-    critic_loss = (critic(obs, actions) - target).pow(2).mean(1).sum()
+    qf_losses = (critic(obs, actions) - target).pow(2).mean(1)
     critic_optimizer.zero_grad(set_to_none=True)
-    critic_loss.backward()
+    qf_losses.sum().backward()  # the sum gives each critic the gradient of its own MSE
     critic_optimizer.step()
+    return qf_losses.detach().mean()
 
-    new_actions, log_prob, _ = actor(obs)
-    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
+
+
+@torch.no_grad()
+def soft_update(target_params: list, online_params: list, tau: float):
+    torch._foreach_lerp_(target_params, online_params, tau)
+
+
+def update_actor(obs, actor, critic, log_alpha, actor_optimizer, alpha_optimizer, target_entropy: float):
+    """Reparameterised actor step on the min over critics, then one step of automatic entropy tuning."""
+    actions, log_prob, _ = actor(obs)
+    alpha = log_alpha.exp().detach()
+    actor_loss = (alpha * log_prob - without_weight_grads(critic, obs, actions).min(0).values).mean()
     actor_optimizer.zero_grad(set_to_none=True)
     actor_loss.backward()
     actor_optimizer.step()
-
     alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
     alpha_optimizer.zero_grad(set_to_none=True)
     alpha_loss.backward()
     alpha_optimizer.step()
+    return torch.stack([actor_loss.detach(), alpha])
+
+
+LOSS_NAMES = ("losses/qf_loss", "losses/actor_loss", "losses/alpha")
 
 
 def train_behaviour_agent(args: Args, env: gym.Env, eval_env: gym.Env, stop_return: Optional[float],
-                          device: torch.device):
-    """Online SAC on `env`. Every --eval-freq steps and at the end, the deterministic policy is evaluated and a
-    snapshot (step, mean return, actor weights) kept. Stops at the first evaluation reaching `stop_return`
-    (None: runs the whole budget). Returns the final actor, the replay buffer and the snapshots."""
+                          writer: SummaryWriter, device: torch.device):
+    """Online SAC on `env`, logged to `writer`. Every --eval-freq steps and at the end, the deterministic policy
+    is evaluated and a snapshot (step, mean return, actor weights) kept. Stops at the first evaluation reaching
+    `stop_return` (None: runs the whole budget). Returns the final actor, the replay buffer and the snapshots."""
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dims).to(device)
     critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dims, num_critics=2).to(device)
     critic_target = copy.deepcopy(critic).requires_grad_(False)
-    log_alpha = torch.zeros(1, device=device, requires_grad=True)
-    optimizers = (torch.optim.Adam(actor.parameters(), lr=args.lr), torch.optim.Adam(critic.parameters(), lr=args.lr),
-                  torch.optim.Adam([log_alpha], lr=args.lr))
+    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=True)
     warmup = UniformRandomPolicy(act_dim, args.seed)
-    replay = TransitionStore(args.sac_steps, obs_dim, act_dim)
+    replay = TransitionStore(args.total_timesteps, obs_dim, act_dim, device)
     snapshots, recent_returns, episode_return = [], deque(maxlen=10), 0.0
-    progress = Progress("sac", args.sac_steps)
+    loss_sums, num_updates = torch.zeros(len(LOSS_NAMES), device=device), 0  # read only at log steps
+    progress = Progress(args.total_timesteps)
 
     obs, _ = env.reset(seed=args.seed)
-    for step in range(1, args.sac_steps + 1):
+    for step in range(1, args.total_timesteps + 1):
         action = act_numpy(warmup if step <= args.learning_starts else actor, obs, False, device)
         next_obs, reward, terminated, truncated, _ = env.step(to_env_action(action, low, high))
         replay.add(obs, action, reward, next_obs, terminated, truncated)
@@ -556,25 +596,39 @@ def train_behaviour_agent(args: Args, env: gym.Env, eval_env: gym.Env, stop_retu
         obs = next_obs
         if terminated or truncated:
             recent_returns.append(episode_return)
+            writer.add_scalar("charts/episodic_return", episode_return, step)
             obs, episode_return = env.reset()[0], 0.0
 
         if step > args.learning_starts:
-            sac_update(replay.sample(args.batch_size, device), actor, critic, critic_target, log_alpha, optimizers,
-                       args.gamma, -float(act_dim))
-            with torch.no_grad():
-                for target_param, param in zip(critic_target.parameters(), critic.parameters()):
-                    target_param.lerp_(param, args.tau)
+            batch = replay.sample(args.batch_size)
+            loss_sums[0] += update_critic(batch, actor, critic, critic_target, log_alpha, critic_optimizer, args.gamma)
+            loss_sums[1:] += update_actor(batch[0], actor, critic, log_alpha, actor_optimizer, alpha_optimizer,
+                                          -float(act_dim))
+            soft_update(target_params, online_params, args.tau)
+            num_updates += 1
+        if num_updates and (step % args.log_freq == 0 or step == args.total_timesteps):
+            for name, value in zip(LOSS_NAMES, (loss_sums / num_updates).tolist()):
+                writer.add_scalar(name, value, step)
+            loss_sums.zero_()
+            num_updates = 0
 
         training = f"episode return {np.mean(recent_returns):.1f}" if recent_returns else ""
-        if step % args.eval_freq == 0 or step == args.sac_steps:
+        evaluated = stop = False
+        if step % args.eval_freq == 0 or step == args.total_timesteps:
             returns, _, _ = evaluate(actor, eval_env, 0.0, 1.0, args.eval_episodes, args.seed + 10_000, device)
+            writer.add_scalar("eval/return", returns.mean(), step)
             weights = {key: value.detach().clone() for key, value in actor.state_dict().items()}
             snapshots.append((step, float(returns.mean()), weights))
-            progress.update(step, f"{training}  eval return {returns.mean():.1f}", force=True)
-            if stop_return is not None and returns.mean() >= stop_return:
-                print(f"[sac] reached the medium return {stop_return:.1f} at step {step}; nothing needs more training")
-                break
-        progress.update(step, training)
+            evaluated = True
+            training = f"{training}  eval return {returns.mean():.1f}".strip()
+            stop = stop_return is not None and returns.mean() >= stop_return
+        sps = progress.update(step, f"[sac] {training}", force=evaluated)
+        if sps is not None:
+            writer.add_scalar("charts/SPS", sps, step)
+        if stop:
+            print(f"[sac] reached the medium return {stop_return:.1f} at step {step}; nothing needs more training")
+            break
+    writer.close()
     return actor, replay, snapshots
 
 
@@ -585,12 +639,15 @@ def medium_snapshot(snapshots, medium_return: float):
             return snapshot
     best = max(snapshots, key=lambda snapshot: snapshot[1])
     print(f"warning: no evaluation reached the medium return {medium_return:.1f}; medium uses the best snapshot "
-          f"(step {best[0]}, return {best[1]:.1f}); raise --sac-steps or lower --medium-return for D4RL's medium")
+          f"(step {best[0]}, return {best[1]:.1f}); raise --total-timesteps or lower --medium-return for D4RL's medium")
     return best
 
 
+# --- original D4RL files ---
 def d4rl_name_of(path: str, env_id: Optional[str]) -> Tuple[str, str]:
     """(env, quality) from --env-id or from D4RL's file name (`hopper_medium_replay-v2.hdf5`)."""
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist; pass the path of an original D4RL .hdf5 file")
     name = env_id or re.sub(r"\.(hdf5|h5)$", "", os.path.basename(path)).replace("_", "-")
     parsed = parse_d4rl_name(name)
     if parsed is None or parsed[0] not in D4RL_LOCOMOTION:
@@ -600,19 +657,24 @@ def d4rl_name_of(path: str, env_id: Optional[str]) -> Tuple[str, str]:
 
 
 def read_d4rl_file(path: str) -> Dict[str, np.ndarray]:
-    """The flat arrays of an original D4RL hdf5 file, checked for the keys and lengths D4RL's format has."""
-    if not os.path.isfile(path):
-        fail(f"{path} does not exist; pass the path of an original D4RL .hdf5 file")
+    """The flat arrays of an original D4RL hdf5 file, read whole and checked (keys, numeric types, one row per
+    transition, finite values, 0/1 flags) before anything in the store is touched."""
     try:
         file = h5py.File(path, "r")
     except OSError:
         fail(f"{path} is not an HDF5 file; pass an original D4RL .hdf5 file")
     with file:
-        missing = [key for key in D4RL_KEYS if key not in file]
+        missing = [key for key in D4RL_KEYS if not isinstance(file.get(key), h5py.Dataset)]
         if missing:
             fail(f"{path} lacks {', '.join(missing)}; a D4RL file holds {', '.join(D4RL_KEYS)}")
-        keys = D4RL_KEYS + (("next_observations",) if "next_observations" in file else ())
-        raw = {key: np.asarray(file[key][()]) for key in keys}
+        keys = D4RL_KEYS + (("next_observations",) if isinstance(file.get("next_observations"), h5py.Dataset) else ())
+        try:
+            raw = {key: np.asarray(file[key][()]) for key in keys}
+        except (OSError, TypeError, ValueError) as exc:
+            fail(f"{path} cannot be read ({type(exc).__name__}); pass an intact original D4RL .hdf5 file")
+    for key, value in raw.items():
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+            fail(f"{path} holds {key} of type {value.dtype} where D4RL has numbers; pass an original D4RL .hdf5 file")
     size = len(raw["observations"]) if raw["observations"].ndim == 2 else 0
     for key, value in raw.items():
         if value.ndim == 0 or len(value) != size:
@@ -621,7 +683,14 @@ def read_d4rl_file(path: str) -> Dict[str, np.ndarray]:
     if size == 0:
         fail(f"{path} holds no transitions; pass a D4RL file with data in it")
     for key in ("rewards", "terminals", "timeouts"):
+        if raw[key].size != size:
+            fail(f"{path} holds {key} of shape {raw[key].shape}; D4RL has one value per transition")
         raw[key] = raw[key].reshape(size)
+    for key, value in raw.items():
+        if key in ("terminals", "timeouts") and not np.isin(value, (0, 1)).all():
+            fail(f"{path} holds {key} other than 0 and 1; pass an original D4RL .hdf5 file")
+        if not np.isfinite(value).all():
+            fail(f"{path} holds non-finite {key} (nan or inf); pass an intact original D4RL .hdf5 file")
     return raw
 
 
@@ -649,37 +718,123 @@ def d4rl_transitions(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {key: value[~dropped] for key, value in data.items()}
 
 
-def write_dataset(dataset_id: str, episodes: List[EpisodeBuffer], env_spec, ref_min: float, ref_max: float,
-                  algorithm_name: str, description: str):
-    """Writes with minari.create_dataset_from_buffers into a hidden staging folder of the Minari store and moves
-    the finished dataset into place with one rename: an interrupted or failed run leaves nothing half-written,
-    and a dataset being overwritten stays intact until its replacement is complete."""
-    root = get_dataset_path()
-    staging = root / f".make_dataset-{os.getpid()}"
+# --- writing into the Minari store: build everything aside, then swap it in at once ---
+# A run builds its datasets in {store}/.make_dataset-{pid}/new. The swap moves each dataset it replaces to .../old
+# and the new one into place, with Ctrl-C held back, and `swap` lists the ids while it runs: a run killed outright
+# (SIGKILL, power loss) in the middle leaves that list, and the next run puts the old datasets back.
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) and SIGTERM during the block are remembered and take effect when it is done. (Handlers, not
+    pthread_sigmask: a signal blocked in this thread would be handed to another one, e.g. TensorBoard's writer.)"""
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in received:
+            signal.raise_signal(signum)
+
+
+def roll_back(store: Path, staging: Path, dataset_ids: List[str]):
+    """Undoes a swap that did not finish: every replaced dataset goes back, every new one goes away."""
+    for dataset_id in dataset_ids:
+        target, backup = store / dataset_id, staging / "old" / dataset_id
+        if backup.exists():
+            if target.exists():
+                shutil.rmtree(target)  # the replacement had moved in
+            os.rename(backup, target)
+        elif target.exists() and not (staging / "new" / dataset_id).exists():
+            shutil.rmtree(target)  # moved in where no dataset was before
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own pid: a folder from an earlier life of it (before a reboot)
+
+
+def recover_killed_writes(store: Path):
+    """Cleans up after runs that were killed outright while writing: datasets they were replacing are restored."""
+    for staging in sorted(store.glob(STAGING_PREFIX + "*")):
+        pid = staging.name[len(STAGING_PREFIX):]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue  # another run at work
+        swap = staging / "swap"
+        with interrupts_held():
+            if swap.exists():
+                dataset_ids = swap.read_text().split()
+                try:
+                    roll_back(store, staging, dataset_ids)
+                except OSError as exc:
+                    fail(f"a killed make_dataset.py run left {', '.join(dataset_ids)} half-replaced and they could "
+                         f"not be restored ({exc.strerror}); move the folders under {staging / 'old'} back by hand")
+                swap.unlink()
+                print(f"restored {', '.join(dataset_ids)}, which a killed make_dataset.py run (process {pid}) was "
+                      f"replacing", flush=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_dataset(folder: Path, dataset_id: str, episodes: List[EpisodeBuffer], env_spec, ref_min: float,
+                  ref_max: float, algorithm_name: str, description: str):
+    """minari.create_dataset_from_buffers into `folder` instead of the store."""
     saved_root = os.environ.get("MINARI_DATASETS_PATH")
     try:
-        os.environ["MINARI_DATASETS_PATH"] = str(staging / "new")
+        os.environ["MINARI_DATASETS_PATH"] = str(folder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Minari asks for an author, e-mail and code link that we cannot know
             minari.create_dataset_from_buffers(dataset_id, episodes, env=env_spec, eval_env=env_spec,
                                                algorithm_name=algorithm_name, description=description,
                                                ref_min_score=float(ref_min), ref_max_score=float(ref_max))
-        target = root / dataset_id
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            os.rename(target, staging / "old")
-        os.rename(staging / "new" / dataset_id, target)
     finally:
         os.environ.pop("MINARI_DATASETS_PATH", None)
         if saved_root is not None:
             os.environ["MINARI_DATASETS_PATH"] = saved_root
-        shutil.rmtree(staging, ignore_errors=True)
-    namespace = dataset_id.rsplit("/", 1)[0]
-    if namespace not in list_local_namespaces():
+
+
+def swap_in(store: Path, staging: Path, dataset_ids: List[str]):
+    """Moves the staged datasets into the store, replacing the old ones, all or none, with Ctrl-C held back."""
+    with interrupts_held():
         try:
-            create_namespace(namespace)
-        except ValueError:  # created meanwhile by another process
-            pass
+            (staging / "swap").write_text("\n".join(dataset_ids))
+            for dataset_id in dataset_ids:
+                target, backup = store / dataset_id, staging / "old" / dataset_id
+                if target.exists():
+                    backup.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(target, backup)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging / "new" / dataset_id, target)
+        except OSError as exc:
+            roll_back(store, staging, dataset_ids)  # should this fail too, `swap` stays for the next run
+            (staging / "swap").unlink(missing_ok=True)
+            fail(f"could not move the new datasets into {store} ({exc.strerror or type(exc).__name__}); the "
+                 f"datasets there were kept as they were")
+        (staging / "swap").unlink()  # done: from here on the backups are garbage
+    for namespace in sorted({dataset_id.rsplit("/", 1)[0] for dataset_id in dataset_ids}):
+        if namespace not in list_local_namespaces():
+            with contextlib.suppress(ValueError):  # created meanwhile by another process
+                create_namespace(namespace)
+
+
+def write_datasets(store: Path, datasets: Dict[str, List[EpisodeBuffer]], descriptions: Dict[str, Tuple[str, str]],
+                   env_spec, ref_min: float, ref_max: float):
+    """Builds every dataset aside, then swaps them all in: a failed or interrupted run changes nothing in the
+    store, and a dataset being overwritten stays intact until its replacement is complete."""
+    staging = store / f"{STAGING_PREFIX}{os.getpid()}"
+    try:
+        for dataset_id, episodes in datasets.items():
+            print(f"writing {dataset_id} ({len(episodes)} episodes)", flush=True)
+            stage_dataset(staging / "new", dataset_id, episodes, env_spec, ref_min, ref_max, *descriptions[dataset_id])
+        swap_in(store, staging, list(datasets))
+    finally:
+        if not (staging / "swap").exists():  # else a failed roll-back left the old datasets there
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def summary_table(datasets: Dict[str, List[EpisodeBuffer]], ref_min: float, ref_max: float) -> str:
@@ -695,8 +850,18 @@ def summary_table(datasets: Dict[str, List[EpisodeBuffer]], ref_min: float, ref_
 
 
 if __name__ == "__main__":
+    sys.excepthook = exit_quietly_on_interrupt
     args = tyro.cli(Args)
     start_time = time.time()
+    check_numbers(args, positive=("transitions", "total_timesteps", "eval_freq", "eval_episodes", "ref_episodes",
+                                  "hidden_dims", "batch_size", "critic_lr", "actor_lr", "alpha_lr", "log_freq"),
+                  non_negative=("seed", "learning_starts"), unit_interval=("gamma", "tau"))
+    for field in ("medium_return", "expert_return"):
+        if getattr(args, field) is not None and not math.isfinite(getattr(args, field)):
+            fail(f"{flag(field)} is {getattr(args, field)} but must be a finite return")
+    store = minari_store()
+    check_writable(str(store), "MINARI_DATASETS_PATH")
+    recover_killed_writes(store)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -723,6 +888,12 @@ if __name__ == "__main__":
         env_name, gym_id, qualities = resolve_request(args)
         check_free([f"local/{env_name}/{quality}-v0" for quality in qualities], args.overwrite)
         env = make_checked_env(gym_id, args.seed)
+        check_reference_scores(gym_id, env_name, qualities, args.expert_return)
+        needs_agent = any(quality != "random" for quality in qualities)
+        if needs_agent:  # the behaviour agent's TensorBoard log, opened before any work so that it cannot fail after
+            check_writable(args.run_dir, "--run-dir")
+            run_name = f"{gym_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            writer = open_run_log(args, run_name, vars(args))
         act_dim = env.action_space.shape[0]
         print(f"making {', '.join(qualities)} for {gym_id} as local/{env_name}/{{quality}}-v0 on {device}")
         _, ref_min, ref_max = GYM_ENVS.get(env_name, (gym_id, None, None))
@@ -737,13 +908,13 @@ if __name__ == "__main__":
         medium_return = args.medium_return
         if medium_return is None and ref_max is not None:
             medium_return = ref_min + (ref_max - ref_min) / 3.0
-        needs_agent = any(quality != "random" for quality in qualities)
         needs_expert = "expert" in qualities or "medium-expert" in qualities or ref_max is None
 
         if needs_agent:
             eval_env = make_checked_env(gym_id, args.seed + 10_000)
+            print(f"[sac] training the behaviour agent, logging to {os.path.join(args.run_dir, run_name)}", flush=True)
             actor, replay, snapshots = train_behaviour_agent(args, make_checked_env(gym_id, args.seed), eval_env,
-                                                             None if needs_expert else medium_return, device)
+                                                             None if needs_expert else medium_return, writer, device)
             final_step, final_return, _ = snapshots[-1]
             if ref_max is None:
                 expert_returns, _, _ = evaluate(actor, eval_env, 0.0, 1.0, args.ref_episodes, args.seed + 30_000,
@@ -752,7 +923,7 @@ if __name__ == "__main__":
                 print(f"trained agent: mean return {ref_max:.1f} over {args.ref_episodes} episodes (reference maximum)")
                 if ref_max <= ref_min:
                     print("warning: the trained agent is no better than the random policy, so normalized scores mean "
-                          "nothing; raise --sac-steps or pass --expert-return")
+                          "nothing; raise --total-timesteps or pass --expert-return")
             if medium_return is None:
                 medium_return = ref_min + (ref_max - ref_min) / 3.0
             medium_step, medium_eval, medium_weights = medium_snapshot(snapshots, medium_return)
@@ -794,10 +965,7 @@ if __name__ == "__main__":
             descriptions[dataset_id] = (algorithm, f"D4RL-style {env_name} {quality} data on {gym_id}: {source}; "
                                                    f"made by make_dataset.py with seed {args.seed}")
 
-    for dataset_id, episodes in datasets.items():
-        print(f"writing {dataset_id} ({len(episodes)} episodes)", flush=True)
-        # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
-        write_dataset(dataset_id, episodes, gym.spec(gym_id), ref_min, ref_max, *descriptions[dataset_id])
-    elapsed = format_seconds(time.time() - start_time)
-    print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {elapsed}")
+    # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
+    write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max)
+    print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {duration(time.time() - start_time)}")
     print(summary_table(datasets, ref_min, ref_max))

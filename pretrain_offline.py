@@ -80,8 +80,18 @@ class Args:
     """episodes per evaluation"""
     checkpoint_dir: str = "checkpoints"
     """where the checkpoint is written"""
+    overwrite: bool = False
+    """replace an existing checkpoint of the same env, algo and seed (without it, such a run is refused)"""
+    run_dir: str = "runs"
+    """TensorBoard logs go to {run_dir}/{run_name}"""
     exp_name: str = "pretrain"
     """name of this experiment (part of the run name)"""
+    track: bool = False
+    """also log to Weights and Biases"""
+    wandb_project_name: str = "samg"
+    """Weights and Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights and Biases entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
     torch_deterministic: bool = True
@@ -122,10 +132,32 @@ def parse_d4rl_name(name: str):
     return None
 
 
+def d4rl_version(env: str) -> int:
+    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
+    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
+    if env in ADROIT_ENVS:
+        return 1
+    if env == "antmaze" or GYM_ENVS[env][1] is not None:
+        return 2
+    return 0
+
+
+def version_error(name: str) -> Optional[str]:
+    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
+    parsed = parse_d4rl_name(name)
+    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
+        return None
+    env, quality = parsed
+    version = d4rl_version(env)
+    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
+
+
+LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
 ACCEPTED_IDS = (
-    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v{k} with env in "
-    f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, "
-    f"or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
+    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
+    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
+    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
+    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
 )
 # --- end shared ---
 
@@ -282,6 +314,12 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
+
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -476,7 +514,33 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 
 
 
-# --- dataset resolution and loading ---
+# --- dataset resolution: --env-id -> a local Minari dataset id ---
+def dataset_store() -> str:
+    return os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+
+
+def local_datasets() -> dict:
+    """Minari's local datasets {id: metadata}; a folder Minari cannot read is an error, not a missing dataset."""
+    import warnings
+
+    import minari
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Misconfigured dataset": reported below, for the ids we need
+        return minari.list_local_datasets()
+
+
+def present(dataset_id: str, local: dict) -> bool:
+    """True when `dataset_id` is a readable local dataset; an unreadable folder of that name stops the run."""
+    if dataset_id in local:
+        return True
+    path = os.path.join(dataset_store(), dataset_id)
+    if os.path.isdir(path):
+        fail(f"the local dataset {dataset_id} in {path} is unreadable (damaged or half-written metadata); delete that "
+             "folder and make, import or download it again")
+    return False
+
+
 def hosted_equivalents(env: str, quality: str) -> list:
     """Minari's hosted ports of a D4RL name (two ids when medium-expert must be combined); [] when none exists."""
     if env == "antmaze":
@@ -498,20 +562,69 @@ def with_medium_expert_pair(dataset_id: str, quality: str) -> list:
     return candidates
 
 
-def combine(dataset_ids: list, local: set) -> str:
-    """One id is returned as it is; a medium + expert pair becomes (once) the medium-expert id beside them."""
+def combine(dataset_ids: list, local: dict) -> str:
+    """One id is returned as it is; a medium + expert pair becomes (once) the medium-expert id beside them.
+    The combined set is built in a hidden folder of the store (Minari lists no hidden folder), checked (every step
+    of both parts, their reference scores), and only then renamed into place: an error or Ctrl-C at any moment
+    leaves the store as it was, and no later run can find a half-written set."""
+    import shutil
+
     import minari
 
     if len(dataset_ids) == 1:
         return dataset_ids[0]
     new_id = dataset_ids[0].replace("/medium-v", "/medium-expert-v")
-    if new_id not in local:
-        print(f"combining {' + '.join(dataset_ids)} into {new_id}")
-        try:
-            minari.combine_datasets([minari.load_dataset(i) for i in dataset_ids], new_id)
-        except Exception as exc:
-            fail(f"could not combine {' + '.join(dataset_ids)} into {new_id} ({exc}); make {new_id} directly")
+    expected_steps = sum(local[i]["total_steps"] for i in dataset_ids)
+    if present(new_id, local):
+        if local[new_id].get("combined_datasets") and local[new_id]["total_steps"] != expected_steps:
+            fail(f"{new_id} holds {local[new_id]['total_steps']} steps, not the {expected_steps} of "
+                 f"{' + '.join(dataset_ids)} (an interrupted combine by an older version); delete "
+                 f"{os.path.join(dataset_store(), new_id)} and run again")
+        return new_id
+    store = dataset_store()
+    check_writable(store, "MINARI_DATASETS_PATH")
+    scores = {(local[i].get("ref_min_score"), local[i].get("ref_max_score")) for i in dataset_ids}
+    if len(scores) > 1:
+        fail(f"{' and '.join(dataset_ids)} have different reference scores {sorted(scores, key=str)}; "
+             f"make {new_id} directly")
+    ref_min, ref_max = scores.pop()
+    print(f"combining {' + '.join(dataset_ids)} into {new_id}")
+    staging = tempfile.mkdtemp(prefix=".combine-", dir=store)
+    previous_store = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        parts = [minari.load_dataset(i) for i in dataset_ids]
+        os.environ["MINARI_DATASETS_PATH"] = staging  # Minari writes the new set where this points
+        os.makedirs(os.path.join(staging, os.path.dirname(new_id)))
+        combined = minari.combine_datasets(parts, new_id)
+        if ref_min is not None and ref_max is not None:
+            combined.storage.update_metadata({"ref_min_score": ref_min, "ref_max_score": ref_max})
+        written = sum(len(episode.rewards) for episode in minari.load_dataset(new_id).iterate_episodes())
+        if written != expected_steps:
+            raise RuntimeError(f"{written} steps were written instead of {expected_steps}")
+        target = os.path.join(store, new_id)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(staging, new_id), target)
+    except Exception as exc:
+        fail(f"could not combine {' + '.join(dataset_ids)} into {new_id} ({exc}); make {new_id} directly")
+    finally:
+        if previous_store is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous_store
+        shutil.rmtree(staging, ignore_errors=True)
     return new_id
+
+
+def ways_to_get(env_id: str, env: str, hosted: list) -> str:
+    """The ways that can produce this dataset: only those that exist for it."""
+    download = f"connect to the internet so Minari can download {' and '.join(hosted)}"
+    if env in LOCAL_ONLY_ENVS:
+        return f"generate it with `python make_dataset.py --env-id {env_id}`"
+    if env == "antmaze" or env in ADROIT_ENVS:
+        return download
+    return (f"import the original D4RL file with `python make_dataset.py --from-d4rl FILE.hdf5 --env-id {env_id}`, "
+            + (f"{download}, " if hosted else "(Minari hosts no port of this dataset) ")
+            + f"or generate it offline with `python make_dataset.py --env-id {env_id}`")
 
 
 def resolve_dataset(env_id: str, download: bool) -> str:
@@ -519,54 +632,79 @@ def resolve_dataset(env_id: str, download: bool) -> str:
     downloaded, locally generated dataset, and finally a download of the hosted port."""
     import minari
 
-    local = set(minari.list_local_datasets())
+    local = local_datasets()
     if "/" in env_id:  # a Minari id, taken as it is
-        if env_id in local:
+        if present(env_id, local):
             return env_id
         hosted, ways = [env_id], f"connect to the internet so Minari can download {env_id}, or check the id"
     else:
         parsed = parse_d4rl_name(env_id)
         if parsed is None:
             fail(f"unknown --env-id {env_id!r}; use {ACCEPTED_IDS}")
+        if version_error(env_id):
+            fail(version_error(env_id))
         env, quality = parsed
         hosted = hosted_equivalents(env, quality)
         sources = [*with_medium_expert_pair(f"d4rl/{env}/{quality}-v2", quality), hosted,
                    *with_medium_expert_pair(f"local/{env}/{quality}-v0", quality)]
         for ids in sources:
-            if ids and all(i in local for i in ids):
+            if ids and all(present(i, local) for i in ids):
                 return combine(ids, local)
-        ways = (f"import the original D4RL file with `python make_dataset.py --from-d4rl FILE.hdf5 --env-id {env_id}`, "
-                + (f"connect to the internet so Minari can download {' and '.join(hosted)}, " if hosted else
-                   "(Minari hosts no port of this dataset) ")
-                + f"or generate it offline with `python make_dataset.py --env-id {env_id}`")
+        ways = ways_to_get(env_id, env, hosted)
     if download and hosted:
+        check_writable(dataset_store(), "MINARI_DATASETS_PATH")
         try:
             for dataset_id in hosted:
                 if dataset_id not in local:
                     print(f"downloading {dataset_id} from Minari's hub")
                     minari.download_dataset(dataset_id)
         except Exception as exc:
-            fail(f"no local dataset for {env_id} and the download failed ({str(exc).splitlines()[0]}); {ways}")
-        return combine(hosted, set(minari.list_local_datasets()))
-    fail(f"no local dataset for {env_id} in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}; {ways}")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "huggingface_hub" in reason:  # Minari >= 0.5 downloads through its optional `hf` extra
+                ways = "install Minari's download support with `pip install \"minari[hf]\"` and run again, or " + ways
+            fail(f"no local dataset for {env_id} and the download failed ({reason}); {ways}")
+        return combine(hosted, local_datasets())
+    fail(f"no local dataset for {env_id} in {dataset_store()}; {ways}")
 
 
+def comparability_warning(env_id: str, dataset_id: str) -> Optional[str]:
+    """D4RL-style names that resolve to anything but D4RL's own data give scores that D4RL tables do not hold."""
+    parsed = parse_d4rl_name(env_id)
+    if parsed is None or parsed[0] in LOCAL_ONLY_ENVS:
+        return None
+    if dataset_id.startswith("mujoco/"):
+        origin = "Minari's re-collection on the Gymnasium v5 environment"
+    elif dataset_id.startswith("local/"):
+        origin = "a dataset made locally by make_dataset.py"
+    else:
+        return None
+    return (f"warning: {env_id} resolved to {dataset_id}, {origin}; its scores are not comparable with D4RL tables "
+            "(import the original file with make_dataset.py --from-d4rl for that)")
+
+
+# --- shared: offline dataset ---
 def load_dataset(dataset_id: str) -> dict:
-    """Reads every episode into transitions (s, a, r, s', terminated) and the facts the checkpoint records."""
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
+    checkpoint records (environment, action bounds, reference scores)."""
     import minari
 
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     try:
         dataset = minari.load_dataset(dataset_id)
+        space = dataset.spec.action_space
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous "
+                 "(Box) actions; use a dataset of a continuous-control environment")
+        for episode in dataset.iterate_episodes():
+            observations = flatten_obs(episode.observations)
+            parts["observations"].append(observations[:-1])
+            parts["next_observations"].append(observations[1:])
+            parts["actions"].append(episode.actions)
+            parts["rewards"].append(episode.rewards)
+            parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
     except Exception as exc:
-        fail(f"could not read dataset {dataset_id} ({type(exc).__name__}: {exc}); re-create it")
-    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
-    for episode in dataset.iterate_episodes():
-        observations = flatten_obs(episode.observations)
-        parts["observations"].append(observations[:-1])
-        parts["next_observations"].append(observations[1:])
-        parts["actions"].append(episode.actions)
-        parts["rewards"].append(episode.rewards)
-        parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
+        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {str(exc).strip()[:200]}); delete "
+             "it from the Minari store and make, import or download it again")
     if sum(len(r) for r in parts["rewards"]) == 0:
         fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
     data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
@@ -588,17 +726,20 @@ def load_dataset(dataset_id: str) -> dict:
     if None in ref_scores:
         print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
         ref_scores = (0.0, 100.0)
-    space = dataset.spec.action_space
     return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
-                action_low=np.asarray(space.low, dtype=np.float32), action_high=np.asarray(space.high, dtype=np.float32),
+                action_low=np.asarray(space.low, dtype=np.float32),
+                action_high=np.asarray(space.high, dtype=np.float32),
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+# --- end shared ---
 
 
 # --- the offline algorithms: one update function each, on a batch of tensors ---
+# Written for speed without changing what is computed: one critic call per loss, one actor call for every sample the
+# update needs, actor losses through detached critic weights (no wasted backward into the critics), fused Adam,
+# targets moved with one fused lerp, and no host sync (.item()) inside an update.
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
     with torch.no_grad():
-        for target_param, param in zip(target.parameters(), source.parameters()):
-            target_param.lerp_(param, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def cql_update(step, batch, nets, opts, args):
@@ -607,21 +748,22 @@ def cql_update(step, batch, nets, opts, args):
     actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
     batch_size, act_dim, n = obs.shape[0], actions.shape[1], args.cql_n_actions
     with torch.no_grad():
-        next_actions, _, _ = actor(next_obs)
+        # one actor call: a' ~ pi(s') for the backup, and n samples of pi at s and at s' for the logsumexp
+        repeated_obs, repeated_next_obs = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
+        sampled, sampled_log_prob, _ = actor(torch.cat([next_obs, repeated_obs, repeated_next_obs]))
+        next_actions, policy_actions = sampled[:batch_size], sampled[batch_size:]
         target_q = critic_target(next_obs, next_actions).min(0).values  # no entropy term in the offline backup
         td_target = rewards + args.gamma * (1.0 - dones) * target_q
-        repeated_obs, repeated_next_obs = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
-        policy_actions, policy_log_prob, _ = actor(repeated_obs)
-        next_policy_actions, next_policy_log_prob, _ = actor(repeated_next_obs)
-        random_actions = torch.empty_like(policy_actions).uniform_(-1.0, 1.0)
+        random_actions = torch.empty_like(policy_actions[: batch_size * n]).uniform_(-1.0, 1.0)
         # importance weights: uniform density on [-1, 1]^A, and the policy's own density for its samples
-        log_density = torch.stack([torch.full_like(policy_log_prob, -act_dim * math.log(2.0)), policy_log_prob,
-                                   next_policy_log_prob]).view(3, batch_size, n)
-    q_data = critic(obs, actions)  # [N, B]
-    sampled_q = critic(repeated_obs.repeat(3, 1), torch.cat([random_actions, policy_actions, next_policy_actions]))
+        log_density = torch.cat([torch.full((batch_size * n,), -act_dim * math.log(2.0), device=obs.device),
+                                 sampled_log_prob[batch_size:]]).view(3, batch_size, n)
+    # one critic call: the data actions and the 3 n sampled actions of every state
+    q_all = critic(torch.cat([obs, repeated_obs.repeat(3, 1)]), torch.cat([actions, random_actions, policy_actions]))
+    q_data, sampled_q = q_all[:, :batch_size], q_all[:, batch_size:]
     sampled_q = (sampled_q.view(-1, 3, batch_size, n) - log_density).permute(0, 2, 1, 3).flatten(2)
     logsumexp_q = torch.logsumexp(sampled_q / args.cql_temperature, dim=-1) * args.cql_temperature
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
     conservative_loss = args.cql_alpha * (logsumexp_q - q_data).mean(1).sum()
     opts["critic"].zero_grad()
     (td_loss + conservative_loss).backward()
@@ -629,7 +771,7 @@ def cql_update(step, batch, nets, opts, args):
 
     new_actions, log_prob, _ = actor(obs)
     alpha = log_alpha.exp().detach()
-    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
+    actor_loss = (alpha * log_prob - without_weight_grads(critic, obs, new_actions).min(0).values).mean()
     opts["actor"].zero_grad()
     actor_loss.backward()
     opts["actor"].step()
@@ -638,8 +780,10 @@ def cql_update(step, batch, nets, opts, args):
     alpha_loss.backward()
     opts["alpha"].step()
     soft_update(critic_target, critic, args.tau)
-    return {"losses/qf_loss": td_loss, "losses/cql_loss": conservative_loss, "losses/actor_loss": actor_loss,
-            "losses/alpha": alpha, "losses/qf_values": q_data.mean()}
+    num_critics = q_data.shape[0]  # losses are logged as the mean over critics, as CleanRL logs them
+    return {"losses/qf_loss": td_loss.detach() / num_critics,
+            "losses/cql_loss": conservative_loss.detach() / num_critics, "losses/actor_loss": actor_loss.detach(),
+            "losses/alpha": alpha, "losses/qf_values": q_data.detach().mean()}
 
 
 def td3bc_update(step, batch, nets, opts, args):
@@ -652,14 +796,14 @@ def td3bc_update(step, batch, nets, opts, args):
         target_q = nets["critic_target"](next_obs, next_actions).min(0).values
         td_target = rewards + args.gamma * (1.0 - dones) * target_q
     q_data = critic(obs, actions)
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
     opts["critic"].zero_grad()
     td_loss.backward()
     opts["critic"].step()
-    metrics = {"losses/qf_loss": td_loss, "losses/qf_values": q_data.mean()}
+    metrics = {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/qf_values": q_data.detach().mean()}
     if step % args.policy_freq == 0:
         policy_actions = actor(obs)
-        q_policy = critic(obs, policy_actions)[0]
+        q_policy = without_weight_grads(critic, obs, policy_actions)[0]
         lmbda = args.td3bc_alpha / q_policy.abs().mean().detach()
         actor_loss = -lmbda * q_policy.mean() + F.mse_loss(policy_actions, actions)
         opts["actor"].zero_grad()
@@ -667,7 +811,7 @@ def td3bc_update(step, batch, nets, opts, args):
         opts["actor"].step()
         soft_update(nets["actor_target"], actor, args.tau)
         soft_update(nets["critic_target"], critic, args.tau)
-        metrics["losses/actor_loss"] = actor_loss
+        metrics["losses/actor_loss"] = actor_loss.detach()
     return metrics
 
 
@@ -675,17 +819,19 @@ def awac_update(step, batch, nets, opts, args):
     """AWAC: SAC-style critic with a' ~ pi(s'); actor = regression on dataset actions weighted by exp(A / lambda)."""
     obs, actions, rewards, next_obs, dones = batch
     actor, critic = nets["actor"], nets["critic"]
-    with torch.no_grad():
-        next_actions = actor.act(next_obs, deterministic=False)
+    batch_size = obs.shape[0]
+    with torch.no_grad():  # one actor call: a' ~ pi(s') for the backup and a ~ pi(s) for the advantage's baseline
+        sampled = actor.act(torch.cat([next_obs, obs]), deterministic=False)
+        next_actions, policy_actions = sampled[:batch_size], sampled[batch_size:]
         target_q = nets["critic_target"](next_obs, next_actions).min(0).values
         td_target = rewards + args.gamma * (1.0 - dones) * target_q
     q_data = critic(obs, actions)
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
     opts["critic"].zero_grad()
     td_loss.backward()
     opts["critic"].step()
     with torch.no_grad():
-        value = critic(obs, actor.act(obs, deterministic=False)).min(0).values
+        value = critic(obs, policy_actions).min(0).values
         advantage = q_data.detach().min(0).values - value
         weights = torch.exp(advantage / args.awac_lambda).clamp(max=args.awac_max_weight)
     actor_loss = -(actor.log_prob(obs, actions) * weights).mean()
@@ -693,28 +839,76 @@ def awac_update(step, batch, nets, opts, args):
     actor_loss.backward()
     opts["actor"].step()
     soft_update(nets["critic_target"], critic, args.tau)
-    return {"losses/qf_loss": td_loss, "losses/actor_loss": actor_loss, "losses/qf_values": q_data.mean()}
+    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/actor_loss": actor_loss.detach(),
+            "losses/qf_values": q_data.detach().mean()}
+
+
+def cvae_update(cvae: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.Tensor, actions: torch.Tensor):
+    loss = cvae_loss(cvae, obs, actions)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor}
 UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update}
 
 
+def build_learner(args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    """The networks (actor, critics, their targets, the C-VAE) and their fused Adam optimizers."""
+    hidden = list(args.hidden_dims)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)  # noqa: E731  (one kernel per step)
+    actor = ACTORS[args.algo](obs_dim, act_dim, hidden).to(device)
+    critic = CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)
+    nets = {"actor": actor, "critic": critic, "cvae": CVAE(obs_dim, act_dim, args.latent_dim, hidden).to(device),
+            "critic_target": CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)}
+    nets["critic_target"].load_state_dict(critic.state_dict())
+    opts = {"actor": adam(actor.parameters(), args.actor_lr), "critic": adam(critic.parameters(), args.critic_lr),
+            "cvae": adam(nets["cvae"].parameters(), args.cvae_lr)}
+    if args.algo == "cql":
+        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
+        nets["target_entropy"] = -float(act_dim)
+        opts["alpha"] = adam([nets["log_alpha"]], args.critic_lr)
+    if args.algo == "td3bc":
+        nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
+        nets["actor_target"].load_state_dict(actor.state_dict())
+    return nets, opts
+
+
 @torch.no_grad()
-def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_samples: int = 100_000) -> dict:
-    """What the elbo estimator needs: 1001 quantiles of the offline negative ELBO (sorted)."""
+def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_samples: int = 100_000,
+                   reservoir_size: int = 2048) -> dict:
+    """What the elbo estimator needs: 1001 quantiles of the offline negative ELBO (sorted), and a reservoir of
+    offline pairs (normalised as the networks see them) that the online scripts re-rank against after C-VAE updates;
+    the reservoir never trains anything."""
     index = torch.randperm(obs.shape[0], device=obs.device)[:max_samples]
     scores = torch.cat([negative_elbo(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
     quantiles = torch.quantile(scores, torch.linspace(0, 1, 1001, device=scores.device))
-    return {"neg_elbo_quantiles": quantiles.cpu().contiguous()}
+    reservoir = torch.randperm(obs.shape[0], device=obs.device)[:reservoir_size]
+    return {"neg_elbo_quantiles": quantiles.cpu().contiguous(),
+            "reservoir_obs": obs[reservoir].float().cpu().contiguous(),
+            "reservoir_actions": actions[reservoir].float().cpu().contiguous()}
 
 
 if __name__ == "__main__":
+    sys.excepthook = exit_quietly_on_interrupt
     args = tyro.cli(Args)
-    if args.total_steps < 1 or args.cvae_steps < 0 or args.batch_size < 1 or args.eval_episodes < 1:
-        fail("--total-steps, --batch-size and --eval-episodes must be positive and --cvae-steps not negative")
+    check_numbers(args, positive=("total_steps", "batch_size", "hidden_dims", "num_critics", "critic_lr", "actor_lr",
+                                  "cql_n_actions", "cql_temperature", "policy_freq", "awac_lambda", "awac_max_weight",
+                                  "cvae_lr", "latent_dim", "eval_freq", "eval_episodes"),
+                  non_negative=("seed", "cvae_steps", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
+                  unit_interval=("gamma", "tau"))
+    safe_env_id = args.env_id.replace("/", "-")
+    checkpoint_path = os.path.join(args.checkpoint_dir, f"{safe_env_id}__{args.algo}__{args.seed}.pt")
+    if os.path.exists(checkpoint_path) and not args.overwrite:
+        fail(f"{checkpoint_path} exists; pass --overwrite to replace it, or choose another --checkpoint-dir or --seed")
+    check_writable(args.checkpoint_dir, "--checkpoint-dir")
+    check_writable(args.run_dir, "--run-dir")
     dataset_id = resolve_dataset(args.env_id, download=True)
     print(f"dataset: {args.env_id} -> {dataset_id}")
+    if comparability_warning(args.env_id, dataset_id):
+        print(comparability_warning(args.env_id, dataset_id))
     data = load_dataset(dataset_id)
     goal_task, dexterous_task = data["gym_id"].startswith("AntMaze"), data["gym_id"].startswith("Adroit")
     args.actor_lr = args.actor_lr if args.actor_lr is not None else (1e-4 if args.algo == "cql" else 3e-4)
@@ -723,8 +917,6 @@ if __name__ == "__main__":
         0.1 if goal_task or dexterous_task else 1.0)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     args.latent_dim = args.latent_dim or 2 * act_dim
-    safe_env_id = args.env_id.replace("/", "-")
-    checkpoint_path = os.path.join(args.checkpoint_dir, f"{safe_env_id}__{args.algo}__{args.seed}.pt")
     run_name = f"{safe_env_id}__{args.exp_name}_{args.algo}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
@@ -753,27 +945,10 @@ if __name__ == "__main__":
     num_transitions = obs_t.shape[0]
     print(f"{num_transitions} transitions, obs dim {obs_dim}, action dim {act_dim}, env {data['gym_id']}")
 
-    hidden = list(args.hidden_dims)
-    actor = ACTORS[args.algo](obs_dim, act_dim, hidden).to(device)
-    critic = CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)
-    cvae = CVAE(obs_dim, act_dim, args.latent_dim, hidden).to(device)
-    nets = {"actor": actor, "critic": critic, "critic_target": CriticEnsemble(obs_dim, act_dim, hidden,
-                                                                               args.num_critics).to(device)}
-    nets["critic_target"].load_state_dict(critic.state_dict())
-    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
-            "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}
-    if args.algo == "cql":
-        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
-        nets["target_entropy"] = -float(act_dim)
-        opts["alpha"] = torch.optim.Adam([nets["log_alpha"]], lr=args.critic_lr)
-    if args.algo == "td3bc":
-        nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
-        nets["actor_target"].load_state_dict(actor.state_dict())
-    cvae_opt = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr)
+    nets, opts = build_learner(args, obs_dim, act_dim, device)
+    actor, critic, cvae = nets["actor"], nets["critic"], nets["cvae"]
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    hparams = {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]}
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+    writer = open_run_log(args, run_name, {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]})
 
     def run_evaluation(step: int) -> float:
         returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + 10_000,
@@ -786,35 +961,26 @@ if __name__ == "__main__":
         return score
 
     total_steps = max(args.total_steps, args.cvae_steps)
-    start_time, last_print, score = time.time(), 0.0, float("nan")
-    step = 0
+    progress, start_time, score, step = Progress(total_steps), time.time(), float("nan"), 0
     try:
         for step in range(1, total_steps + 1):
             index = torch.randint(0, num_transitions, (args.batch_size,), device=device)
             batch = (obs_t[index], actions_t[index], rewards_t[index], next_obs_t[index], dones_t[index])
             metrics = UPDATES[args.algo](step, batch, nets, opts, args) if step <= args.total_steps else {}
             if step <= args.cvae_steps:
-                cvae_loss_value = cvae_loss(cvae, batch[0], batch[1])
-                cvae_opt.zero_grad()
-                cvae_loss_value.backward()
-                cvae_opt.step()
-                metrics["losses/cvae_loss"] = cvae_loss_value
+                metrics["samg/cvae_loss"] = cvae_update(cvae, opts["cvae"], batch[0], batch[1])
             if step % 1000 == 0 or step == total_steps:  # the only host syncs: logging steps
                 for name, value in metrics.items():
                     writer.add_scalar(name, value.item(), step)
                 writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
             if step % args.eval_freq == 0 or step == total_steps:
                 score = run_evaluation(step)
-            if time.time() - last_print > 10 or step == total_steps:
-                last_print = time.time()
-                sps = step / (last_print - start_time)
-                latest = "" if math.isnan(score) else f" | eval normalized score {score:.1f}"
-                print(f"step {step}/{total_steps} | {sps:.0f} steps/s | ETA {(total_steps - step) / sps / 60:.1f} min"
-                      f"{latest}", flush=True)
+            progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
     except KeyboardInterrupt:
         writer.close()
-        raise SystemExit(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); "
-                         f"the TensorBoard log so far is in runs/{run_name}")
+        print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); the TensorBoard "
+              f"log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
 
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "algo": args.algo, "env_id": args.env_id, "dataset_id": dataset_id,
@@ -823,7 +989,7 @@ if __name__ == "__main__":
         "obs_mean": torch.as_tensor(obs_mean), "obs_std": torch.as_tensor(obs_std),
         "reward_scale": reward_scale, "reward_bias": reward_bias,
         "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
-        "hidden_dims": hidden, "latent_dim": args.latent_dim,
+        "hidden_dims": list(args.hidden_dims), "latent_dim": args.latent_dim,
         "actor": {k: v.cpu() for k, v in actor.state_dict().items()},
         "critic": {k: v.cpu() for k, v in critic.state_dict().items()},
         "cvae": {k: v.cpu() for k, v in cvae.state_dict().items()},

@@ -3,6 +3,7 @@ PyTorch SAC update (two separate nn.Sequential critics, default Adam): the refer
 
     python benchmark/speed.py                          # every device present (CPU, and CUDA where there is one)
     python benchmark/speed.py --devices cpu --seconds 3 --rounds 5 --threads 2   # on an otherwise idle machine
+    python benchmark/speed.py --devices cpu --no-online --pretrain-baseline /tmp/old.py   # pretraining, before/after
 
 Measured: samg_sac / samg_td3 / samg_awac, one full update (critic, adaptive C-VAE step, actor, targets) with
 --coef-mode cvae (adaptive, the default) and --coef-mode none (no Q_off, no C-VAE work), sampled from the
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,12 @@ class Args:
     hidden: int = 256
     """width of the two hidden layers"""
     pretrain: bool = True
-    """also measure pretraining steps"""
+    """also measure pretraining steps (each offline algorithm's update plus the C-VAE step)"""
+    pretrain_baseline: Optional[str] = None
+    """also measure the pretraining steps of this older pretrain_offline.py, side by side (before/after a change:
+    `git show HEAD:pretrain_offline.py > /tmp/old.py`)"""
+    online: bool = True
+    """measure the online scripts' updates (--no-online: pretraining only)"""
     breakdown: bool = True
     """also measure samg_sac.py in cvae mode without the adaptive C-VAE step, and with it every 2nd update"""
 
@@ -57,9 +63,9 @@ BREAKDOWN = {"--coef-mode cvae --no-adaptive": dict(coef_mode="cvae", adaptive=F
              "--coef-mode even (Q_off, no C-VAE)": dict(coef_mode="even")}
 
 
-def load_script(name: str):
+def load_script(name: str, path: Optional[str] = None):
     """Imports a script as a module; its `if __name__ == "__main__":` part does not run."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path or ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # torch.compile and dataclasses look modules up by name
     spec.loader.exec_module(module)
@@ -234,24 +240,29 @@ def samg_awac_step(module, a: Args, device, flags: dict):
 
 
 def pretrain_step(module, a: Args, device, algo: str):
-    """One offline step of pretrain_offline.py: the algorithm's update and the C-VAE step, as its loop runs them."""
+    """One offline step of pretrain_offline.py: the algorithm's update and the C-VAE step, as its loop runs them.
+    `module` may also be an older pretrain_offline.py (without build_learner), to compare before and after."""
     args = module.Args(algo=algo, batch_size=a.batch_size, hidden_dims=(a.hidden, a.hidden))
     args.actor_lr, args.cql_alpha, args.awac_lambda = (1e-4 if algo == "cql" else 3e-4), 5.0, 1.0
-    hidden = [a.hidden, a.hidden]
-    actor = module.ACTORS[algo](a.obs_dim, a.act_dim, hidden).to(device)
-    critic = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)
-    nets = {"actor": actor, "critic": critic,
-            "critic_target": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)}
-    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
-            "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}
-    if algo == "cql":
-        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
-        nets["target_entropy"] = -float(a.act_dim)
-        opts["alpha"] = torch.optim.Adam([nets["log_alpha"]], lr=args.critic_lr)
-    if algo == "td3bc":
-        nets["actor_target"] = module.DeterministicActor(a.obs_dim, a.act_dim, hidden).to(device)
-    cvae = module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim, hidden).to(device)
-    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr)
+    args.latent_dim = 2 * a.act_dim
+    if hasattr(module, "build_learner"):
+        nets, opts = module.build_learner(args, a.obs_dim, a.act_dim, device)
+    else:
+        hidden = [a.hidden, a.hidden]
+        actor = module.ACTORS[algo](a.obs_dim, a.act_dim, hidden).to(device)
+        critic = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)
+        nets = {"actor": actor, "critic": critic, "cvae": module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim,
+                                                                      hidden).to(device),
+                "critic_target": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden, args.num_critics).to(device)}
+        opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
+                "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr),
+                "cvae": torch.optim.Adam(nets["cvae"].parameters(), lr=args.cvae_lr)}
+        if algo == "cql":
+            nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
+            nets["target_entropy"] = -float(a.act_dim)
+            opts["alpha"] = torch.optim.Adam([nets["log_alpha"]], lr=args.critic_lr)
+        if algo == "td3bc":
+            nets["actor_target"] = module.DeterministicActor(a.obs_dim, a.act_dim, hidden).to(device)
     size = 100_000
     data = (torch.randn(size, a.obs_dim, device=device), torch.rand(size, a.act_dim, device=device) * 2 - 1,
             torch.randn(size, device=device), torch.randn(size, a.obs_dim, device=device),
@@ -262,10 +273,10 @@ def pretrain_step(module, a: Args, device, algo: str):
         index = torch.randint(size, (a.batch_size,), device=device)
         batch = tuple(x[index] for x in data)
         module.UPDATES[algo](next(counter), batch, nets, opts, args)
-        loss = module.cvae_loss(cvae, batch[0], batch[1])
-        cvae_optimizer.zero_grad()
+        loss = module.cvae_loss(nets["cvae"], batch[0], batch[1])
+        opts["cvae"].zero_grad()
         loss.backward()
-        cvae_optimizer.step()
+        opts["cvae"].step()
 
     return step
 
@@ -287,7 +298,7 @@ def updates_per_second(step, seconds: float, device) -> float:
 def measure(a: Args, device: torch.device):
     torch.manual_seed(0)
     candidates = {"plain PyTorch SAC (reference)": plain_sac_step(a, device)}
-    scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step}
+    scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step} if a.online else {}
     variants = {"--coef-mode cvae": dict(coef_mode="cvae"), "--coef-mode none": dict(coef_mode="none")}
     for name, make_step in scripts.items():
         module = load_script(name)
@@ -297,9 +308,13 @@ def measure(a: Args, device: torch.device):
             for flags, overrides in BREAKDOWN.items():
                 candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
     if a.pretrain:
-        module = load_script("pretrain_offline")
+        versions = {"pretrain_offline.py": load_script("pretrain_offline")}
+        if a.pretrain_baseline:
+            baseline = load_script("pretrain_offline_baseline", a.pretrain_baseline)
+            versions[f"{a.pretrain_baseline} (baseline)"] = baseline
         for algo in ("cql", "td3bc", "awac"):
-            candidates[f"pretrain_offline.py --algo {algo} (+ C-VAE step)"] = pretrain_step(module, a, device, algo)
+            for label, module in versions.items():
+                candidates[f"{label} --algo {algo} (+ C-VAE step)"] = pretrain_step(module, a, device, algo)
     for step in candidates.values():  # warm-up: allocator, caches, CUDA kernels
         for _ in range(10):
             step()
@@ -326,5 +341,5 @@ if __name__ == "__main__":
         title = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"| update ({title}) | updates/s | vs plain SAC |\n| --- | ---: | ---: |")
         for name, rate in rates.items():
-            print(f"| {name} | {rate:.0f} | {rate / reference:.2f}x |")
+            print(f"| {name} | {rate:.1f} | {rate / reference:.2f}x |")
         print()
