@@ -472,7 +472,60 @@ def load_checkpoint(path: str, algo: str) -> dict:
     if checkpoint["algo"] != algo:
         fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
              f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    check_checkpoint_fields(checkpoint, path)
     return checkpoint
+
+
+def check_checkpoint_fields(checkpoint: dict, path: str):
+    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
+    checkpoint is one sentence here instead of a traceback or silent nan later."""
+    def bad(key: str, what: str):
+        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
+
+    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape is not None and tuple(value.shape) != shape:
+            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
+        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if positive else ""))
+        return value
+
+    for key in ("obs_dim", "act_dim", "latent_dim"):
+        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
+            bad(key, f"{checkpoint[key]!r} is not a positive integer")
+    hidden = checkpoint["hidden_dims"]
+    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
+        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
+    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
+        bad("gym_id or gym_kwargs", "not a string and a dict")
+    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
+    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
+    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
+    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
+                                                                                  checkpoint["action_high"], (act_dim,))
+    if not (low < high).all():
+        bad("action_low", "not below action_high everywhere")
+    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
+        tensor(key, checkpoint[key], ())
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
+        bad("log_alpha", "not a single number")
+    calibration = checkpoint["cvae_calibration"]
+    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
+        bad("cvae_calibration", "no neg_elbo_quantiles")
+    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
+    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
+        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
+    if "reservoir_obs" in calibration:
+        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
+        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
+        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
+        if count < 2:
+            bad("reservoir_obs", "fewer than two pairs")
 
 
 def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):

@@ -281,6 +281,12 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
+
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -640,12 +646,6 @@ def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
     return metrics, (q_values - target).abs().mean(0)
 
 
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
-
-
 @torch.no_grad()
 def soft_update(target_params: list, online_params: list, tau: float):
     torch._foreach_lerp_(target_params, online_params, tau)
@@ -676,23 +676,23 @@ def load_dataset(dataset_id: str) -> dict:
     checkpoint records (environment, action bounds, reference scores)."""
     import minari
 
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     try:
         dataset = minari.load_dataset(dataset_id)
+        space = dataset.spec.action_space
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous "
+                 "(Box) actions; use a dataset of a continuous-control environment")
+        for episode in dataset.iterate_episodes():
+            observations = flatten_obs(episode.observations)
+            parts["observations"].append(observations[:-1])
+            parts["next_observations"].append(observations[1:])
+            parts["actions"].append(episode.actions)
+            parts["rewards"].append(episode.rewards)
+            parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
     except Exception as exc:
-        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {exc}); delete it from the Minari "
-             "store and make, import or download it again")
-    space = dataset.spec.action_space
-    if not isinstance(space, gym.spaces.Box):
-        fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous (Box) "
-             "actions; use a dataset of a continuous-control environment")
-    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
-    for episode in dataset.iterate_episodes():
-        observations = flatten_obs(episode.observations)
-        parts["observations"].append(observations[:-1])
-        parts["next_observations"].append(observations[1:])
-        parts["actions"].append(episode.actions)
-        parts["rewards"].append(episode.rewards)
-        parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
+        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {str(exc).strip()[:200]}); delete "
+             "it from the Minari store and make, import or download it again")
     if sum(len(r) for r in parts["rewards"]) == 0:
         fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
     data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
@@ -715,7 +715,8 @@ def load_dataset(dataset_id: str) -> dict:
         print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
         ref_scores = (0.0, 100.0)
     return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
-                action_low=np.asarray(space.low, dtype=np.float32), action_high=np.asarray(space.high, dtype=np.float32),
+                action_low=np.asarray(space.low, dtype=np.float32),
+                action_high=np.asarray(space.high, dtype=np.float32),
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
 # --- end shared ---
 
