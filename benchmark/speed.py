@@ -151,18 +151,21 @@ def online_parts(module, a: Args, device, flags: dict):
                  "obs_dim": a.obs_dim, "act_dim": a.act_dim, "hidden_dims": hidden_dims}
     critic, critic_target, q_offline = module.build_critics(synthetic, None, "random weights", device)
     cvae = module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim, hidden_dims).to(device)
-    quantiles = torch.linspace(0.0, 10.0, 1001, device=device)
+    calibration = {"neg_elbo_quantiles": torch.linspace(0.0, 10.0, 1001), "reservoir_obs": torch.randn(2048, a.obs_dim),
+                   "reservoir_actions": torch.rand(2048, a.act_dim) * 2 - 1}
+    guidance = module.Guidance(args, cvae, calibration, device)
     replay = module.ReplayBuffer(100_000, a.obs_dim, a.act_dim, device)
     replay.rows.normal_()
     replay.rows[:, -1] = 0.0
     replay.size = len(replay.rows)
     adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)  # noqa: E731, as the scripts make them
     parts = dict(args=args, critic=critic, critic_target=critic_target, q_offline=q_offline, cvae=cvae,
-                 quantiles=quantiles, replay=replay, critic_optimizer=adam(critic.parameters(), args.critic_lr),
+                 guidance=guidance, replay=replay, critic_optimizer=adam(critic.parameters(), args.critic_lr),
                  cvae_optimizer=adam(cvae.parameters(), args.cvae_lr), adam=adam, hidden_dims=hidden_dims,
                  critic_metrics=module.MetricMeans(module.CRITIC_METRICS),
                  actor_metrics=module.MetricMeans(module.ACTOR_METRICS), cvae_metrics=module.MetricMeans(("cvae",)),
-                 learn_cvae=args.adaptive and args.coef_mode == "cvae", counter=itertools.count())
+                 learn_cvae=args.adaptive and args.cvae_learning and args.coef_mode == "cvae",
+                 counter=itertools.count())
     return parts
 
 
@@ -171,6 +174,8 @@ def cvae_step(module, p, batch, td_error, num_updates):
     if p["learn_cvae"] and num_updates % args.cvae_update_every == 0:
         p["cvae_metrics"].add(module.update_cvae_on_mastered(p["cvae"], p["cvae_optimizer"], batch[0], batch[1],
                                                              td_error, args.mastered_quantile))
+        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
+            p["guidance"].recalibrate()
 
 
 def samg_sac_step(module, a: Args, device, flags: dict):
@@ -184,8 +189,9 @@ def samg_sac_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, td_error = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
-                                                 p["cvae"], p["quantiles"], log_alpha, p["critic_optimizer"], args)
+        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
+                                                       p["guidance"], log_alpha, p["critic_optimizer"], args.gamma,
+                                                       False)
         p["critic_metrics"].add(metrics)
         cvae_step(module, p, batch, td_error, num_updates)
         p["actor_metrics"].add(module.update_actor(batch[0], actor, p["critic"], log_alpha, actor_optimizer,
@@ -207,8 +213,9 @@ def samg_td3_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, td_error = module.update_critic(batch, actor_target, p["critic"], p["critic_target"], p["q_offline"],
-                                                 p["cvae"], p["quantiles"], p["critic_optimizer"], args)
+        metrics, _, td_error, _ = module.update_critic(batch, actor_target, p["critic"], p["critic_target"],
+                                                       p["q_offline"], p["guidance"], p["critic_optimizer"], args,
+                                                       False)
         p["critic_metrics"].add(metrics)
         cvae_step(module, p, batch, td_error, num_updates)
         if num_updates % args.policy_freq == 0:
@@ -228,8 +235,8 @@ def samg_awac_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, td_error = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
-                                                 p["cvae"], p["quantiles"], p["critic_optimizer"], args)
+        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
+                                                       p["guidance"], p["critic_optimizer"], args.gamma, False)
         p["critic_metrics"].add(metrics)
         cvae_step(module, p, batch, td_error, num_updates)
         p["actor_metrics"].add(module.update_actor(batch[0], batch[1], actor, p["critic"], actor_optimizer, 1.0,
