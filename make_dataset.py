@@ -38,7 +38,6 @@ import torch.nn.functional as F
 import tyro
 from minari.data_collector import EpisodeBuffer
 from minari.namespace import create_namespace, list_local_namespaces
-from minari.storage.datasets_root_dir import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -138,10 +137,32 @@ def parse_d4rl_name(name: str):
     return None
 
 
+def d4rl_version(env: str) -> int:
+    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
+    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
+    if env in ADROIT_ENVS:
+        return 1
+    if env == "antmaze" or GYM_ENVS[env][1] is not None:
+        return 2
+    return 0
+
+
+def version_error(name: str) -> Optional[str]:
+    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
+    parsed = parse_d4rl_name(name)
+    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
+        return None
+    env, quality = parsed
+    version = d4rl_version(env)
+    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
+
+
+LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
 ACCEPTED_IDS = (
-    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v{k} with env in "
-    f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, "
-    f"or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
+    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
+    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
+    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
+    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
 )
 # --- end shared ---
 
@@ -298,6 +319,12 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
+
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -384,6 +411,8 @@ def resolve_request(args: Args) -> Tuple[str, str, List[str]]:
         if parsed is None:
             fail(f"make_dataset.py cannot make {args.env_id!r}; name it {{env}}-{{quality}}-v{{k}} with env in "
                  f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or pass --gym-id")
+        if version_error(args.env_id):
+            fail(version_error(args.env_id))
         env_name, quality = parsed
         gym_id = GYM_ENVS[env_name][0]
         if args.gym_id is not None and args.gym_id != gym_id:

@@ -337,6 +337,8 @@ def test_ctrl_c_while_collecting_exits_130_with_one_line_and_leaves_the_store_as
 
 BAD_INPUT = {  # case: (arguments, what the one sentence says); {d4rl} is the file the case writes, {file} a plain file
     "unknown env": (["--env-id", "moon-medium-v2"], "make_dataset.py cannot make 'moon-medium-v2'"),
+    "unknown version": (["--env-id", "hopper-medium-v9"],
+                        "hopper-medium-v9 has an unknown version; hopper datasets are named -v2"),
     "antmaze": (["--env-id", "antmaze-umaze-v2"], "antmaze-umaze-v2 cannot be generated here"),
     "adroit": (["--env-id", "pen-human-v1"], "use Minari's hosted port D4RL/pen/human-v2"),
     "unknown quality": (["--gym-id", "Pendulum-v1", "--qualities", "great"], "unknown quality 'great'"),
