@@ -4,19 +4,43 @@
     python benchmark/run_suite.py --preset paper --print-commands # one shell line per run, for a cluster launcher
     python benchmark/report.py --runs-dir runs/quick               # the table and the curves
 
-A run is one process: `make_dataset.py` for a `local/...` dataset that is missing, `pretrain_offline.py` for
-each env id x algo x pretraining seed, and one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` for each of those
-checkpoints x method x online seed. A method is a named set of online flags (METHODS): `samg` is the shipped
-default, `none` plain fine-tuning with online data only (p = 0), `offline-0.5` plain fine-tuning that keeps the
-offline data (half of every batch), and the rest SAMG's variants and ablations. With `--pretrain-seeds 1`, one
-checkpoint per (dataset, algo) serves every online seed: what is compared is the online phase from one start.
+A run is one process, in one of three stages. The dataset stage: `make_dataset.py` for the `local/...` datasets of
+one env, and `benchmark/prepare_dataset.py` for each dataset given by a D4RL-style name or a Minari id (it resolves,
+downloads and combines the data with pretrain_offline.py's own code, so that pretraining runs started together find
+it ready and never download or combine at the same time). The pretrain stage: `pretrain_offline.py` for each env id
+x algo x pretraining seed. The online stage: one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` / `samg_iql.py`
+for each of those checkpoints x method x online seed. A method is a named set of online flags (METHODS): `samg` is
+the shipped default, `none` plain fine-tuning with online data only (p = 0), `offline-0.5` plain fine-tuning that
+keeps the offline data (half of every batch), and the rest SAMG's variants and ablations. With `--pretrain-seeds 1`,
+one checkpoint per (dataset, algo) serves every online seed: what is compared is the online phase from one start.
 
-Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a dataset is
-done when its Minari directory exists, a pretraining run when its checkpoint exists (the script writes it only
-at the end), an online run when its directory `{runs_dir}/{run id}` holds a `DONE` file, which is written after
-the script exits with status 0. That directory is the script's `--run-dir`, so it also holds the run's
-TensorBoard log (in a subdirectory named after the run), next to a `suite.json` saying what the run is, by which
+Presets: `quick` (Pendulum, local data, measured on 2 CPU cores), `paper` (the D4RL locomotion names at the
+published budgets, for a cluster) and `locomotion-cpu` (Hopper, HalfCheetah and Walker2d from locally made medium
+and medium-replay data, reduced budgets; its cost is not measured yet). PRESETS says what each runs.
+
+Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a `local/...`
+dataset is done when its Minari directory exists, a prepared dataset when `{runs_dir}/datasets/{dataset}.done`
+exists, a pretraining run when its checkpoint exists (the script writes it only at the end), an online run when
+its directory `{runs_dir}/{run id}` holds a `DONE` file. The `.done` and `DONE` files are written after the script
+exits with status 0. The online run's directory is the script's `--run-dir`, so it also holds the run's TensorBoard
+log (in a subdirectory named after the run), next to a `suite.json` saying what the run is, by which
 benchmark/report.py groups the runs. Each run's output goes to `{runs_dir}/logs/{run id}.log`.
+
+On a cluster, each stage is one job array and each array task one run:
+
+    python benchmark/run_suite.py --preset paper --stage pretrain --count                   # the array's size
+    python benchmark/run_suite.py --preset paper --stage pretrain --print-commands          # line N is run N
+    python benchmark/run_suite.py --preset paper --stage pretrain --index 7                 # run 7 only
+    python benchmark/run_suite.py --preset paper --stage online --online-args="--track"     # N = $SLURM_ARRAY_TASK_ID
+
+`--stage S --index N` runs the N-th run (from 0) of stage S, in the order of `--print-commands --stage S`; N defaults
+to `$SLURM_ARRAY_TASK_ID`. The indices cover every run of the stage, done or not, so they never shift: a run that is
+done (or that nothing still to do needs) is skipped, which makes re-submitting an array safe, and a run whose
+inputs are not done yet stops with an error that names them. Its output goes to stdout (SLURM's output file).
+`benchmark/paper.sbatch` submits the paper preset as three arrays chained with `--dependency=afterok`.
+`--dataset-args`, `--pretrain-args` and `--online-args` add flags to every run of a stage (make_dataset.py,
+pretrain_offline.py and the online scripts), after the preset's own, e.g. `--online-args="--track
+--wandb-project-name samg"`; write them with `=`, as their values start with `--`.
 
 The suite gives each run `--threads` OMP/MKL threads (default 1); a cluster launcher running the printed lines
 should set OMP_NUM_THREADS itself.
@@ -35,7 +59,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ("cql", "td3bc", "awac")
+ALGOS = ("cql", "td3bc", "awac", "iql")
 # method name -> the online scripts' flags that make it (anything not given is the script's default)
 METHODS = {
     "samg": ("--coef-mode", "cvae"),
@@ -54,7 +78,7 @@ METHODS = {
     "none": ("--coef-mode", "none"),
     "offline-0.5": ("--coef-mode", "none", "--offline-data-ratio", "0.5"),
 }
-ONLINE_SCRIPTS = {"cql": "samg_sac.py", "td3bc": "samg_td3.py", "awac": "samg_awac.py"}
+ONLINE_SCRIPTS = {"cql": "samg_sac.py", "td3bc": "samg_td3.py", "awac": "samg_awac.py", "iql": "samg_iql.py"}
 # Gymnasium ids of the environments whose datasets make_dataset.py generates (`local/{env}/{quality}-v0`)
 LOCAL_GYM_IDS = {
     "pendulum": "Pendulum-v1",
@@ -78,7 +102,7 @@ class Preset:
     pretrain_seeds: Optional[int] = None
     """checkpoints per (dataset, algo); None: one per online seed (online seed k fine-tunes checkpoint k)"""
     dataset_args: Tuple[str, ...] = ()
-    """extra make_dataset.py flags"""
+    """extra make_dataset.py flags (prepare_dataset.py, for the datasets that are not `local/...`, takes none)"""
     pretrain_args: Tuple[str, ...] = ()
     """extra pretrain_offline.py flags (the online scripts take network sizes from the checkpoint)"""
     online_args: Tuple[str, ...] = ()
@@ -97,9 +121,10 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, 64x64 networks, one
     # checkpoint per (dataset, algo) and 5 online seeds: SAMG with p at each pair, plain fine-tuning with and
-    # without the offline data. 1 dataset run, 6 pretraining runs, 150 online runs of 10k steps (about 0.5
-    # CPU-min each): about 1 h 15 min with --workers 2 on 2 free cores. Q_off is refreshed every 2000 steps, 5
-    # times per run, as the default 50k does in a 250k-step run.
+    # without the offline data. With cql, td3bc and awac: 1 dataset run, 6 pretraining runs, 150 online runs of 10k
+    # steps (about 0.5 CPU-min each), about 1 h 15 min with --workers 2 on 2 free cores; iql (in ALGOS) adds 2
+    # pretraining and 50 online runs, not measured yet. Q_off is refreshed every 2000 steps, 5 times per run, as the
+    # default 50k does in a 250k-step run.
     "quick": Preset(
         env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"),
         methods=("none", "samg-next", "samg-sample", "samg-both", "offline-0.5"), seeds=(1, 2, 3, 4, 5),
@@ -111,23 +136,44 @@ PRESETS: Dict[str, Preset] = {
         online_args=("--qoff-refresh-every", "2000"),
     ),
     # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds, every
-    # method; the scripts' defaults otherwise.
+    # method; the scripts' defaults otherwise. The dataset stage prepares each of the 9 datasets once
+    # (prepare_dataset.py): medium is downloaded from Minari, medium-expert combined from Minari's medium and expert,
+    # and medium-replay, which Minari does not host, must be imported first (make_dataset.py --from-d4rl).
     "paper": Preset(
         env_ids=tuple(f"{env}-{quality}-v2" for env in ("hopper", "halfcheetah", "walker2d")
                       for quality in ("medium", "medium-replay", "medium-expert")),
         offline_steps=1_000_000, online_steps=250_000,
+    ),
+    # Hopper-v5, HalfCheetah-v5 and Walker2d-v5 from medium-replay and medium data made here by make_dataset.py
+    # (SAC behaviour agent 256x256 for at most 150k steps, 200k transitions per medium set), 256x256 networks
+    # pretrained for 100k steps, one checkpoint per (dataset, algo), 100k online steps, 5 online seeds: SAMG against
+    # plain fine-tuning with and without the offline data and against its even / random ablations. 3 dataset runs,
+    # 24 pretraining runs, 600 online runs. Its cost is NOT measured yet: these budgets are reduced guesses, made
+    # for CPU job arrays rather than for one machine. The dip window (the first 10%, 10k steps) holds 5k updates
+    # and 4 evaluations; Q_off is refreshed every 20k steps, 5 times per run, as the default 50k does in 250k.
+    "locomotion-cpu": Preset(
+        env_ids=tuple(f"local/{env}/{quality}-v0" for env in ("hopper", "halfcheetah", "walker2d")
+                      for quality in ("medium-replay", "medium")),
+        algos=("cql", "td3bc", "awac", "iql"), methods=("none", "samg", "even", "random", "offline-0.5"),
+        seeds=(1, 2, 3, 4, 5), pretrain_seeds=1,
+        dataset_args=("--total-timesteps", "150000", "--transitions", "200000", "--hidden-dims", "256", "256",
+                      "--eval-episodes", "5"),
+        pretrain_args=("--hidden-dims", "256", "256"), offline_steps=100_000, cvae_steps=50_000,
+        online_steps=100_000, learning_starts=5_000, online_eval_freq=2_500, eval_episodes=5,
+        online_args=("--qoff-refresh-every", "20000"),
     ),
 }
 
 
 @dataclass
 class Args:
-    preset: Literal["quick", "paper"] = "quick"
+    preset: Literal["quick", "paper", "locomotion-cpu"] = "quick"
     """which suite to run; the flags below override its parts"""
     env_ids: Optional[Tuple[str, ...]] = None
     """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
-    algos: Optional[Tuple[Literal["cql", "td3bc", "awac"], ...]] = None
-    """offline algorithms, each fine-tuned by its script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py)"""
+    algos: Optional[Tuple[Literal["cql", "td3bc", "awac", "iql"], ...]] = None
+    """offline algorithms, each fine-tuned by its script (cql: samg_sac.py, td3bc: samg_td3.py, awac: samg_awac.py,
+    iql: samg_iql.py)"""
     methods: Optional[Tuple[str, ...]] = None
     """online methods, names from METHODS (samg, samg-static, none, offline-0.5, even, random, ...)"""
     seeds: Optional[Tuple[int, ...]] = None
@@ -146,6 +192,13 @@ class Args:
     """--eval-freq of the online runs (the dip needs evaluations within the first 10% of the steps)"""
     eval_episodes: Optional[int] = None
     """--eval-episodes of pretraining and online runs"""
+    dataset_args: str = ""
+    """flags added to every make_dataset.py run, as one shell line given with `=` (see --online-args)"""
+    pretrain_args: str = ""
+    """flags added to every pretraining run, as one shell line given with `=` (see --online-args)"""
+    online_args: str = ""
+    """flags added to every online run, as one shell line given with `=`, e.g. --online-args="--track --no-cuda";
+    they come after the preset's flags, so they also override them"""
     workers: int = 2
     """runs at the same time"""
     threads: int = 1
@@ -155,9 +208,18 @@ class Args:
     checkpoint_dir: Optional[str] = None
     """checkpoints go here (default: checkpoints/{preset})"""
     print_commands: bool = False
-    """print one shell line per run still to do, in dependency order, and exit"""
+    """print one shell line per run still to do, in dependency order, and exit; with --stage, one line per run of the
+    stage, line N (from 0) for --index N, with the runs there is nothing to do for commented out (`# skip: ...`)"""
     dry_run: bool = False
-    """list every run, `todo` or `skip` (its result exists, or nothing still to do needs it), and exit"""
+    """list every run (with --stage, the stage's, in index order), `todo` or `skip` (its result exists, or nothing
+    still to do needs it), and exit"""
+    stage: Optional[Literal["dataset", "pretrain", "online"]] = None
+    """run one run of this stage, the one --index names; with --print-commands, --count or --dry-run, list only
+    this stage"""
+    index: Optional[int] = None
+    """with --stage: which run of the stage, from 0 (default: $SLURM_ARRAY_TASK_ID)"""
+    count: bool = False
+    """with --stage: print how many runs the stage has (the size of its job array) and exit"""
 
 
 @dataclass
@@ -172,6 +234,9 @@ class Run:
     """all must exist for the run to count as done"""
     run_dir: Optional[Path] = None
     meta: dict = field(default_factory=dict)
+    done_file: Optional[Path] = None
+    """written by the suite when the script exits with status 0, for a script whose own result cannot tell (an online
+    run's directory exists from its start; a prepared dataset may lie in any of several places of the store)"""
 
     def is_done(self) -> bool:
         return all(path.exists() for path in self.outputs)
@@ -217,6 +282,10 @@ def pretrain_command(env_id: str, algo: str, seed: int, preset: Preset, checkpoi
             "--checkpoint-dir", checkpoint_dir, *preset.pretrain_args]
 
 
+def prepare_command(env_id: str) -> List[str]:
+    return ["python", script("benchmark/prepare_dataset.py"), "--env-id", env_id]
+
+
 def online_command(env_id: str, algo: str, method: str, seed: int, checkpoint: Path, run_dir: Path,
                    preset: Preset) -> List[str]:
     return ["python", script(ONLINE_SCRIPTS[algo]), "--env-id", env_id, "--checkpoint", str(checkpoint),
@@ -246,6 +315,16 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
     for env, env_qualities in qualities.items():
         outputs = [minari_root() / "local" / env / f"{quality}-v0" / "data" for quality in env_qualities]
         runs.append(Run(f"dataset__{env}", "dataset", dataset_command(env, env_qualities, preset), [], outputs))
+    # every other dataset (a D4RL-style name or a Minari id) is resolved, downloaded or combined by its own run here,
+    # so that the pretraining runs that need it, started together, never download or combine at the same time
+    prepared = [env_id for env_id in preset.env_ids if local_dataset(env_id) is None]
+    for env_id in prepared:
+        # medium-expert may download or read the very medium set that medium's run downloads: after it, not beside it
+        medium = env_id.replace("medium-expert", "medium")
+        deps = [f"dataset__{safe_name(medium)}"] if medium != env_id and medium in prepared else []
+        done_file = Path(runs_dir) / "datasets" / f"{safe_name(env_id)}.done"
+        runs.append(Run(f"dataset__{safe_name(env_id)}", "dataset", prepare_command(env_id), deps, [done_file],
+                        done_file=done_file))
 
     pretrain_seeds = list(range(1, preset.pretrain_seeds + 1)) if preset.pretrain_seeds else list(preset.seeds)
 
@@ -254,7 +333,7 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
 
     for env_id in preset.env_ids:
         parsed = local_dataset(env_id)
-        dataset_deps = [f"dataset__{parsed[0]}"] if parsed else []
+        dataset_deps = [f"dataset__{parsed[0]}" if parsed else f"dataset__{safe_name(env_id)}"]
         for algo in preset.algos:
             for seed in pretrain_seeds:
                 checkpoint = Path(checkpoint_dir) / f"{safe_name(env_id)}__{algo}__{seed}.pt"
@@ -274,18 +353,22 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                     meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
                             "flags": list(METHODS[method]), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
                             "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint)}
-                    runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta))
+                    runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta,
+                                    done_file=run_dir / "DONE"))
     return runs
 
 
 def shell_line(run: Run) -> str:
-    """The run as one shell line; an online run also writes its suite.json first and its DONE file after."""
+    """The run as one shell line; a run with a done file writes it after a clean exit, an online run also writes its
+    suite.json first."""
     line = shlex.join(run.command)
-    if run.stage != "online":
+    if run.done_file is None:
         return line
-    meta_path, done_path = shlex.quote(str(run.run_dir / "suite.json")), shlex.quote(str(run.run_dir / "DONE"))
-    return (f"mkdir -p {shlex.quote(str(run.run_dir))} && printf '%s\\n' {shlex.quote(json.dumps(run.meta))} "
-            f"> {meta_path} && {line} && touch {done_path}")
+    before = f"mkdir -p {shlex.quote(str(run.done_file.parent))} && "
+    if run.stage == "online":
+        meta_path = shlex.quote(str(run.run_dir / "suite.json"))
+        before += f"printf '%s\\n' {shlex.quote(json.dumps(run.meta))} > {meta_path} && "
+    return f"{before}{line} && touch {shlex.quote(str(run.done_file))}"
 
 
 # --- running the suite ---
@@ -295,6 +378,25 @@ def prepare_online_dir(run: Run):
         shutil.rmtree(run.run_dir)
     run.run_dir.mkdir(parents=True)
     (run.run_dir / "suite.json").write_text(json.dumps(run.meta, indent=1) + "\n")
+
+
+def run_environment(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
+def argv(run: Run) -> List[str]:
+    """The command as it is started: `python` is this interpreter."""
+    return [sys.executable if part == "python" else part for part in run.command]
+
+
+def finish(run: Run, elapsed: float) -> Optional[str]:
+    """After an exit with status 0: writes the run's done file, if it has one; returns why the run is not done
+    (an output is missing), else None."""
+    if run.done_file is not None:
+        run.done_file.parent.mkdir(parents=True, exist_ok=True)
+        run.done_file.write_text(f"exit 0 after {elapsed:.0f} s\n")
+    missing = [path for path in run.outputs if not path.exists()]
+    return f"exit 0 but {missing[0]} is missing" if missing else None
 
 
 def format_duration(seconds: float) -> str:
@@ -330,7 +432,7 @@ def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[
     """Runs every run still to do, at most `workers` at a time, each once the runs it needs have succeeded.
     Returns the runs that failed or could not start, with the reason."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = run_environment(threads)
     pending = runs_to_do(runs)
     state = {run.id: "done" for run in runs}
     state.update({run.id: "todo" for run in pending})
@@ -346,8 +448,7 @@ def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[
         log = open(log_dir / f"{run.id}.log", "w")
         log.write(shlex.join(run.command) + "\n\n")
         log.flush()
-        command = [sys.executable if part == "python" else part for part in run.command]
-        running[run.id] = (run, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+        running[run.id] = (run, subprocess.Popen(argv(run), stdout=log, stderr=subprocess.STDOUT, env=env),
                            time.time(), log)
         state[run.id] = "running"
         print(f"[{finished}/{total}] start  {run.stage:8s} {run.id}", flush=True)
@@ -371,17 +472,14 @@ def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[
                 del running[run_id]
                 finished += 1
                 elapsed = time.time() - started
-                if process.returncode == 0 and (run.stage == "online" or run.is_done()):
-                    if run.stage == "online":
-                        (run.run_dir / "DONE").write_text(f"exit 0 after {elapsed:.0f} s\n")
+                reason = f"exit status {process.returncode}" if process.returncode else finish(run, elapsed)
+                if reason is None:
                     state[run_id] = "done"
                     durations.setdefault(run.stage, []).append(elapsed)
                     print(f"[{finished}/{total}] done   {run.stage:8s} {run_id} in {format_duration(elapsed)} | "
                           f"{eta(pending, running, durations, workers)}", flush=True)
                 else:
                     state[run_id] = "failed"
-                    reason = (f"exit status {process.returncode}" if process.returncode
-                              else f"exit 0 but {run.outputs[0]} is missing")
                     failures.append((run, reason))
                     print(f"[{finished}/{total}] FAILED {run.stage:8s} {run_id} ({reason}); "
                           f"see {log_dir / f'{run_id}.log'}", flush=True)
@@ -394,6 +492,62 @@ def execute(runs: List[Run], workers: int, threads: int, log_dir: Path) -> List[
     return failures
 
 
+# --- one run of one stage, for job arrays ---
+def stage_runs(runs: List[Run], stage: str) -> List[Run]:
+    """Every run of the stage, done or not, in plan order: --index N is the N-th, so indices never shift."""
+    return [run for run in runs if run.stage == stage]
+
+
+def runs_in_words(count: int) -> str:
+    return "no runs" if count == 0 else "1 run (index 0)" if count == 1 else f"{count} runs (indices 0 to {count - 1})"
+
+
+def stage_index(index: Optional[int], stage: str, preset_name: str, count: int) -> int:
+    """--index, else $SLURM_ARRAY_TASK_ID, checked against the stage's number of runs."""
+    where = f"the {stage} stage of the {preset_name} preset has {runs_in_words(count)}"
+    if index is None:
+        task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
+        if task_id is None:
+            raise SystemExit(f"error: --stage {stage} needs --index N or $SLURM_ARRAY_TASK_ID to say which run; "
+                             f"{where}")
+        if not task_id.strip().isdigit():
+            raise SystemExit(f"error: $SLURM_ARRAY_TASK_ID is {task_id!r}, not a run index; {where}")
+        index = int(task_id)
+    if not 0 <= index < count:
+        raise SystemExit(f"error: index {index} is out of range; {where}")
+    return index
+
+
+def run_one(run: Run, runs: List[Run], threads: int) -> int:
+    """Runs one run in the foreground, its output on stdout, unless there is nothing to do for it; returns the exit
+    status. A run whose inputs are not done yet is refused (its array was started before the one it needs ended)."""
+    if run.id not in {todo.id for todo in runs_to_do(runs)}:
+        print(f"{run.id}: nothing to do (its result exists, or nothing still to do needs it)")
+        return 0
+    by_id = {other.id: other for other in runs}
+    missing = [dep for dep in run.deps if not by_id[dep].is_done()]
+    if missing:
+        raise SystemExit(f"error: {run.id} needs {missing[0]} (in the {by_id[missing[0]].stage} stage), which is not "
+                         "done; run that stage first, or chain the arrays with sbatch --dependency=afterok:JOB_ID")
+    if run.stage == "online":
+        prepare_online_dir(run)
+    print(f"{run.stage} {run.id}: {shlex.join(run.command)}", flush=True)
+    started = time.time()
+    try:
+        status = subprocess.call(argv(run), env=run_environment(threads))
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; {run.id} is not done, and the same command starts it again")
+    if status != 0:
+        print(f"{run.id} failed (exit status {status})", file=sys.stderr)
+        return status
+    reason = finish(run, time.time() - started)
+    if reason is not None:
+        print(f"{run.id} failed ({reason})", file=sys.stderr)
+        return 1
+    print(f"{run.id} done in {format_duration(time.time() - started)}")
+    return 0
+
+
 def resolve(args: Args) -> Tuple[Preset, str, str]:
     """The preset with the command-line overrides applied, and the output directories."""
     preset = PRESETS[args.preset]
@@ -401,6 +555,13 @@ def resolve(args: Args) -> Tuple[Preset, str, str]:
                                                         "offline_steps", "cvae_steps", "online_steps",
                                                         "learning_starts", "online_eval_freq", "eval_episodes")}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    added = {}
+    for name in ("dataset_args", "pretrain_args", "online_args"):
+        try:
+            added[name] = getattr(preset, name) + tuple(shlex.split(getattr(args, name)))
+        except ValueError as exc:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r} is not a shell line ({exc})")
+    preset = replace(preset, **added)
     if not (preset.env_ids and preset.algos and preset.methods and preset.seeds):
         raise SystemExit("error: --env-ids, --algos, --methods and --seeds must not be empty")
     unknown = [method for method in preset.methods if method not in METHODS]
@@ -410,6 +571,9 @@ def resolve(args: Args) -> Tuple[Preset, str, str]:
         raise SystemExit("error: --pretrain-seeds must be at least 1")
     if args.workers < 1 or args.threads < 1:
         raise SystemExit("error: --workers and --threads must be at least 1")
+    if args.stage is None and (args.index is not None or args.count):
+        raise SystemExit("error: --index and --count pick or count the runs of one stage; add --stage "
+                         "{dataset,pretrain,online}")
     for env_id in preset.env_ids:
         if env_id.startswith("local/") and local_dataset(env_id) is None:
             raise SystemExit(f"error: {env_id} is not a dataset make_dataset.py can generate; use "
@@ -423,17 +587,29 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     preset, runs_dir, checkpoint_dir = resolve(args)
     runs = plan(args.preset, preset, runs_dir, checkpoint_dir)
+    todo = {run.id for run in runs_to_do(runs)}
+    listed = stage_runs(runs, args.stage) if args.stage else runs
+    if args.count:
+        print(len(listed))
+        raise SystemExit(0)
+    if args.print_commands and args.stage:
+        print(f"# the {args.stage} stage of the {args.preset} preset: {runs_in_words(len(listed))}, line N for "
+              f"--index N; {sum(run.id not in todo for run in listed)} with nothing to do, shown as `# skip:`",
+              file=sys.stderr)
+        print("\n".join(shell_line(run) if run.id in todo else f"# skip: {shell_line(run)}" for run in listed))
+        raise SystemExit(0)
     if args.print_commands:
-        todo = runs_to_do(runs)
         print(f"# {len(todo)} runs to do ({len(runs) - len(todo)} done or not needed); each line comes after the "
               "lines it needs", file=sys.stderr)
-        print("\n".join(shell_line(run) for run in todo))
+        print("\n".join(shell_line(run) for run in runs if run.id in todo))
         raise SystemExit(0)
     if args.dry_run:
-        todo = {run.id for run in runs_to_do(runs)}
-        for run in runs:
+        for run in listed:
             print(f"{'todo' if run.id in todo else 'skip':4s}  {run.stage:8s}  {shlex.join(run.command)}")
         raise SystemExit(0)
+    if args.stage:
+        index = stage_index(args.index, args.stage, args.preset, len(listed))
+        raise SystemExit(run_one(listed[index], runs, args.threads))
     started = time.time()
     failures = execute(runs, args.workers, args.threads, Path(runs_dir) / "logs")
     print(f"suite finished in {format_duration(time.time() - started)}")

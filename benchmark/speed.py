@@ -1,11 +1,22 @@
-"""Updates per second of the scripts' own update code, side by side in one process, against a straightforward
-PyTorch SAC update (two separate nn.Sequential critics, default Adam): the reference every ratio is taken against.
+"""How fast the scripts are, in two modes.
+
+`--mode update` (the default): updates per second of the scripts' own update code, side by side in one process,
+against a straightforward PyTorch SAC update (two separate nn.Sequential critics, default Adam): the reference
+every ratio is taken against.
 
     python benchmark/speed.py                          # every device present (CPU, and CUDA where there is one)
     python benchmark/speed.py --devices cpu --seconds 3 --rounds 5 --threads 2   # on an otherwise idle machine
     python benchmark/speed.py --devices cpu --no-online --pretrain-baseline /tmp/old.py   # pretraining, before/after
 
-Measured: samg_sac / samg_td3 / samg_awac, one full update (critic, adaptive C-VAE step, actor, targets) with
+`--mode loop`: what a user waits for. Each online script runs as a whole process on Hopper-v5 (environment steps,
+replay, updates, one evaluation episode at the end) from a checkpoint made for the purpose, in turns over
+`--rounds` rounds, optionally beside CleanRL's `sac_continuous_action.py` doing the same steps and updates
+(`--cleanrl PATH`, a copy of that file from github.com/vwxyzjn/cleanrl); the table gives the median wall and CPU
+time of each and the ratios.
+
+    python benchmark/speed.py --mode loop --loop-steps 8000 --rounds 3 --cleanrl ~/cleanrl/cleanrl/sac_continuous_action.py
+
+Measured: samg_sac / samg_td3 / samg_awac / samg_iql, one full update (critic, adaptive C-VAE step, actor, targets) with
 --coef-mode cvae (adaptive, the default) and --coef-mode none (no Q_off, no C-VAE work), sampled from the
 scripts' own replay buffer; and one pretraining step per offline algorithm (its update plus the C-VAE step).
 Candidates take turns for `--rounds` rounds of `--seconds` each, so a machine shared with other work slows them
@@ -13,12 +24,16 @@ alike; the table gives the median over rounds. Networks are random: speed does n
 """
 import importlib.util
 import itertools
+import os
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Args:
+    mode: Literal["update", "loop"] = "update"
+    """update: updates per second of the update code, in one process; loop: whole runs of the online scripts"""
     devices: Tuple[str, ...] = ()
     """devices to measure on (default: cpu, and cuda when available)"""
     seconds: float = 2.0
@@ -56,6 +73,15 @@ class Args:
     """measure the online scripts' updates (--no-online: pretraining only)"""
     breakdown: bool = True
     """also measure samg_sac.py in cvae mode without the adaptive C-VAE step, and with it every 2nd update"""
+    loop_steps: int = 8000
+    """--mode loop: environment steps per run; the last loop_steps - loop_warmup of them each do one update"""
+    loop_warmup: int = 3000
+    """--mode loop: --learning-starts of every run"""
+    loop_scripts: Tuple[str, ...] = ("samg_sac", "samg_td3", "samg_awac")
+    """--mode loop: the online scripts to run, each with --coef-mode cvae (the default) and --coef-mode none"""
+    cleanrl: Optional[str] = None
+    """--mode loop: path of CleanRL's sac_continuous_action.py, run beside the scripts as the yardstick (its
+    networks are 256x256 whatever --hidden says)"""
 
 
 BREAKDOWN = {"--coef-mode cvae --no-adaptive": dict(coef_mode="cvae", adaptive=False),
@@ -246,12 +272,42 @@ def samg_awac_step(module, a: Args, device, flags: dict):
     return step
 
 
+def samg_iql_step(module, a: Args, device, flags: dict):
+    p = online_parts(module, a, device, flags)
+    args = p["args"]
+    actor = module.GaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
+    value = module.StateValue(a.obs_dim, p["hidden_dims"]).to(device)
+    value_offline = module.StateValue(a.obs_dim, p["hidden_dims"]).to(device).requires_grad_(False)
+    value_critic, value_offline_critic = module.ValueAsCritic(value), module.ValueAsCritic(value_offline)
+    actor_optimizer, value_optimizer = p["adam"](actor.parameters(), args.actor_lr), p["adam"](value.parameters(),
+                                                                                               args.critic_lr)
+    value_metrics = module.MetricMeans(module.VALUE_METRICS)
+    target_params, online_params = list(p["critic_target"].parameters()), list(p["critic"].parameters())
+
+    def step():
+        num_updates = next(p["counter"])
+        batch = p["replay"].sample(args.batch_size)
+        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], value_critic, value_offline_critic,
+                                                       p["guidance"], p["critic_optimizer"], args.gamma, False)
+        p["critic_metrics"].add(metrics)
+        cvae_step(module, p, batch, td_error, num_updates)
+        value_loss, advantage = module.update_value(batch[0], batch[1], p["critic_target"], value, value_optimizer,
+                                                    0.7)
+        value_metrics.add(value_loss)
+        p["actor_metrics"].add(module.update_actor(batch[0], batch[1], advantage, actor, actor_optimizer, 3.0,
+                                                   args.iql_max_weight))
+        module.soft_update(target_params, online_params, args.tau)
+
+    return step
+
+
 def pretrain_step(module, a: Args, device, algo: str):
     """One offline step of pretrain_offline.py: the algorithm's update and the C-VAE step, as its loop runs them.
     `module` may also be an older pretrain_offline.py (without build_learner), to compare before and after."""
     args = module.Args(algo=algo, batch_size=a.batch_size, hidden_dims=(a.hidden, a.hidden))
     args.actor_lr, args.cql_alpha, args.awac_lambda = (1e-4 if algo == "cql" else 3e-4), 5.0, 1.0
     args.latent_dim = 2 * a.act_dim
+    args.iql_expectile, args.iql_beta = 0.7, 3.0
     if hasattr(module, "build_learner"):
         nets, opts = module.build_learner(args, a.obs_dim, a.act_dim, device)
     else:
@@ -305,7 +361,8 @@ def updates_per_second(step, seconds: float, device) -> float:
 def measure(a: Args, device: torch.device):
     torch.manual_seed(0)
     candidates = {"plain PyTorch SAC (reference)": plain_sac_step(a, device)}
-    scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step} if a.online else {}
+    scripts = {"samg_sac": samg_sac_step, "samg_td3": samg_td3_step, "samg_awac": samg_awac_step,
+               "samg_iql": samg_iql_step} if a.online else {}
     variants = {"--coef-mode cvae": dict(coef_mode="cvae"), "--coef-mode none": dict(coef_mode="none")}
     for name, make_step in scripts.items():
         module = load_script(name)
@@ -319,8 +376,10 @@ def measure(a: Args, device: torch.device):
         if a.pretrain_baseline:
             baseline = load_script("pretrain_offline_baseline", a.pretrain_baseline)
             versions[f"{a.pretrain_baseline} (baseline)"] = baseline
-        for algo in ("cql", "td3bc", "awac"):
+        for algo in ("cql", "td3bc", "awac", "iql"):
             for label, module in versions.items():
+                if algo not in module.UPDATES:  # an older pretrain_offline.py without this algorithm
+                    continue
                 candidates[f"{label} --algo {algo} (+ C-VAE step)"] = pretrain_step(module, a, device, algo)
     for step in candidates.values():  # warm-up: allocator, caches, CUDA kernels
         for _ in range(10):
@@ -333,8 +392,95 @@ def measure(a: Args, device: torch.device):
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+# --- --mode loop: whole processes ---
+LOOP_ALGOS = {"samg_sac": "cql", "samg_td3": "td3bc", "samg_awac": "awac", "samg_iql": "iql"}
+
+
+def quiet_run(command, env: dict, cwd: str):
+    """Runs a command to its end; returns (wall seconds, CPU seconds of it and its children)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        sys.exit(f"this run failed (exit {process.returncode}): {shlex.join(command)}\n{stderr[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def loop_commands(a: Args, work: str, env: dict):
+    """Makes a small Hopper-v5 dataset and a checkpoint per algorithm (the weights do not matter for speed), then
+    returns the commands to time: name -> argv."""
+    python = sys.executable
+    quiet_run([python, str(ROOT / "make_dataset.py"), "--gym-id", "Hopper-v5", "--qualities", "random",
+               "--transitions", "3000", "--expert-return", "3234.3"], env, work)
+    commands = {}
+    for script in a.loop_scripts:
+        algo = LOOP_ALGOS[script]
+        quiet_run([python, str(ROOT / "pretrain_offline.py"), "--env-id", "local/hopper/random-v0", "--algo", algo,
+                   "--total-steps", "10", "--cvae-steps", "10", "--eval-freq", "10", "--eval-episodes", "1",
+                   "--hidden-dims", str(a.hidden), str(a.hidden), "--batch-size", str(a.batch_size),
+                   "--checkpoint-dir", os.path.join(work, "checkpoints"), "--no-cuda"], env, work)
+        checkpoint = os.path.join(work, "checkpoints", f"local-hopper-random-v0__{algo}__1.pt")
+        base = [python, str(ROOT / f"{script}.py"), "--checkpoint", checkpoint, "--total-timesteps", str(a.loop_steps),
+                "--learning-starts", str(a.loop_warmup), "--batch-size", str(a.batch_size), "--eval-freq",
+                str(10 * a.loop_steps), "--eval-episodes", "1", "--run-dir", os.path.join(work, "runs"), "--no-cuda"]
+        commands[f"{script}.py (default: cvae, adaptive)"] = base
+        commands[f"{script}.py --coef-mode none"] = [*base, "--coef-mode", "none"]
+    if a.cleanrl:
+        commands["CleanRL sac_continuous_action.py"] = [
+            python, os.path.abspath(os.path.expanduser(a.cleanrl)), "--env-id", "Hopper-v5", "--total-timesteps",
+            str(a.loop_steps), "--learning-starts", str(a.loop_warmup), "--batch-size", str(a.batch_size),
+            "--no-cuda"]
+    return commands
+
+
+def measure_loops(a: Args):
+    if a.loop_warmup >= a.loop_steps:
+        sys.exit(f"--loop-warmup is {a.loop_warmup} but must be below --loop-steps {a.loop_steps}")
+    if a.cleanrl and not os.path.isfile(os.path.expanduser(a.cleanrl)):
+        sys.exit(f"--cleanrl {a.cleanrl} is not a file; give the path of CleanRL's sac_continuous_action.py")
+    with tempfile.TemporaryDirectory(prefix="samg-speed-") as work:
+        threads = str(a.threads) if a.threads else str(os.cpu_count())
+        env = dict(os.environ, MINARI_DATASETS_PATH=os.path.join(work, "datasets"), OMP_NUM_THREADS=threads,
+                   MKL_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
+        if a.cleanrl:  # CleanRL's script imports cleanrl_utils from its repository's root (or from beside it)
+            folder = os.path.dirname(os.path.abspath(os.path.expanduser(a.cleanrl)))
+            env["PYTHONPATH"] = os.pathsep.join([folder, os.path.dirname(folder), env.get("PYTHONPATH", "")])
+        commands = loop_commands(a, work, env)
+        times = {name: [] for name in commands}
+        for round_index in range(a.rounds):  # in turns, so a drifting machine slows every command alike
+            for name, command in commands.items():
+                times[name].append(quiet_run(command, env, work))
+            print(f"round {round_index + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    return times, threads
+
+
+def print_loops(a: Args, times: dict, threads: str):
+    updates = a.loop_steps - a.loop_warmup
+    print(f"Hopper-v5, {a.loop_steps} environment steps with {updates} updates, batch {a.batch_size}, hidden "
+          f"{a.hidden}x{a.hidden}, {threads} thread(s) per process, median of {a.rounds} runs each, in turns\n")
+    yardstick = "CleanRL sac_continuous_action.py"
+    wall = {name: statistics.median(w for w, _ in runs) for name, runs in times.items()}
+    cpu = {name: statistics.median(c for _, c in runs) for name, runs in times.items()}
+    header = "| run | wall s | CPU s |" + (" speed vs CleanRL (wall) | (CPU) |" if yardstick in times else "")
+    print(header)
+    print("| --- | ---: | ---: |" + (" ---: | ---: |" if yardstick in times else ""))
+    for name in times:
+        row = f"| {name} | {wall[name]:.1f} | {cpu[name]:.1f} |"
+        if yardstick in times:
+            row += f" {wall[yardstick] / wall[name]:.2f}x | {cpu[yardstick] / cpu[name]:.2f}x |"
+        print(row)
+    print()
+
+
 if __name__ == "__main__":
     a = tyro.cli(Args)
+    if a.mode == "loop":
+        print_loops(a, *measure_loops(a))
+        sys.exit(0)
     if a.threads:
         torch.set_num_threads(a.threads)
     devices = a.devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))

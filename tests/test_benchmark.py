@@ -1,6 +1,9 @@
-"""benchmark/: the suite's plan, skipping and scheduling; the report's arithmetic and plots; the AUROC of ood.py."""
+"""benchmark/: the suite's plan, skipping, scheduling and job-array stages; dataset preparation; the report's
+arithmetic and plots; the AUROC of ood.py."""
 import importlib.util
 import json
+import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, make_tiny_dataset, run_script
 
 
 def load(name: str):
@@ -32,11 +35,14 @@ def quick_plan(tmp_path, monkeypatch):
     return suite.plan("quick", preset, str(tmp_path / "runs"), str(tmp_path / "checkpoints"))
 
 
+QUICK_ALGOS = len(suite.PRESETS["quick"].algos)  # every algorithm of ALGOS
+
+
 # --- run_suite.py ---
-def test_quick_preset_plans_one_dataset_then_6_pretraining_then_150_online_runs(quick_plan):
+def test_quick_preset_plans_one_dataset_then_2_pretraining_and_50_online_runs_per_algo(quick_plan):
     stages = [run.stage for run in quick_plan]
-    # 2 datasets x 3 algos x 1 checkpoint; 2 datasets x 3 algos x 5 methods x 5 seeds
-    assert stages == ["dataset"] + ["pretrain"] * 6 + ["online"] * 150
+    # 2 datasets x algos x 1 checkpoint; 2 datasets x algos x 5 methods x 5 seeds
+    assert stages == ["dataset"] + ["pretrain"] * 2 * QUICK_ALGOS + ["online"] * 50 * QUICK_ALGOS
     position = {run.id: i for i, run in enumerate(quick_plan)}
     for run in quick_plan:
         assert all(position[dep] < position[run.id] for dep in run.deps), f"{run.id} comes before what it needs"
@@ -58,7 +64,7 @@ def test_every_online_run_loads_the_checkpoint_its_pretraining_run_writes(quick_
     outputs = {run.id: run.outputs[0] for run in quick_plan if run.stage == "pretrain"}
     online = [run for run in quick_plan if run.stage == "online"]
     scripts = {run.command[1].split("/")[-1] for run in online}
-    assert scripts == {"samg_sac.py", "samg_td3.py", "samg_awac.py"}
+    assert scripts == set(suite.ONLINE_SCRIPTS.values()) >= {"samg_sac.py", "samg_td3.py", "samg_awac.py"}
     for run in online:
         command = run.command
         assert Path(command[command.index("--checkpoint") + 1]) == outputs[run.deps[0]]
@@ -76,13 +82,26 @@ def test_every_online_run_loads_the_checkpoint_its_pretraining_run_writes(quick_
     assert pretrain.deps == ["dataset__pendulum"]
 
 
-def test_paper_preset_covers_9_d4rl_datasets_x_3_algos_x_6_methods_x_5_seeds_without_a_dataset_stage():
+def test_paper_preset_prepares_each_of_9_d4rl_datasets_once_then_pretrains_every_algo_x_5_seeds_x_6_methods():
     preset, runs_dir, checkpoint_dir = suite.resolve(suite.Args(preset="paper"))
     runs = suite.plan("paper", preset, runs_dir, checkpoint_dir)
     assert (runs_dir, checkpoint_dir) == ("runs/paper", "checkpoints/paper")
-    assert sum(run.stage == "pretrain" for run in runs) == 9 * 3 * 5  # a checkpoint per online seed
-    assert sum(run.stage == "online" for run in runs) == 9 * 3 * 6 * 5
-    assert not any(run.stage == "dataset" for run in runs)
+    algos = len(suite.ALGOS)
+    assert [run.stage for run in runs] == (["dataset"] * 9 + ["pretrain"] * 9 * algos * 5  # a checkpoint per seed
+                                           + ["online"] * 9 * algos * 6 * 5)
+    datasets = {run.id: run for run in runs if run.stage == "dataset"}
+    assert [run.command[2:] for run in datasets.values()] == [["--env-id", env_id] for env_id in preset.env_ids]
+    assert all(run.command[1].endswith("prepare_dataset.py") for run in datasets.values())  # one run per dataset
+    for run in datasets.values():
+        assert run.outputs == [run.done_file] == [Path("runs/paper/datasets") / f"{run.command[-1]}.done"]
+        assert suite.shell_line(run).endswith(f"&& touch runs/paper/datasets/{run.command[-1]}.done")
+    # medium-expert downloads Minari's medium set too: it waits for the medium run instead of racing it
+    assert datasets["dataset__hopper-medium-expert-v2"].deps == ["dataset__hopper-medium-v2"]
+    assert sum(bool(run.deps) for run in datasets.values()) == 3
+    for run in runs:
+        if run.stage == "pretrain":  # its dataset is ready before it starts: it never downloads or combines
+            env_id = run.command[run.command.index("--env-id") + 1]
+            assert run.deps == [f"dataset__{env_id}"] and datasets[run.deps[0]].command[-1] == env_id
     assert {run.meta["method"] for run in runs if run.stage == "online"} == {
         "samg", "samg-static", "even", "random", "none", "offline-0.5"}
     assert all(run.meta["checkpoint_seed"] == run.meta["seed"] for run in runs if run.stage == "online")
@@ -129,11 +148,12 @@ def test_print_commands_lists_only_runs_whose_results_are_missing(tmp_path):
         return result.stdout.strip().splitlines()
 
     first = lines()
-    assert len(first) == 1 + 6 + 150
+    assert len(first) == 1 + 2 * QUICK_ALGOS + 50 * QUICK_ALGOS
     assert first[0].startswith("python make_dataset.py --gym-id Pendulum-v1")
     assert first[1].startswith("python pretrain_offline.py --env-id local/pendulum/medium-v0 --algo cql --seed 1")
-    assert "local-pendulum-medium-v0__cql__none__1" in first[7] and "--coef-mode none" in first[7]
-    assert first[7].endswith("/DONE")
+    first_online = first[1 + 2 * QUICK_ALGOS]
+    assert "local-pendulum-medium-v0__cql__none__1" in first_online and "--coef-mode none" in first_online
+    assert first_online.endswith("/DONE")
     # fake results: both datasets, one checkpoint, one finished online run
     for quality in ("medium", "medium-replay"):
         (tmp_path / "minari" / "local" / "pendulum" / f"{quality}-v0" / "data").mkdir(parents=True)
@@ -142,7 +162,7 @@ def test_print_commands_lists_only_runs_whose_results_are_missing(tmp_path):
     (tmp_path / "runs" / "local-pendulum-medium-v0__cql__none__1").mkdir(parents=True)
     (tmp_path / "runs" / "local-pendulum-medium-v0__cql__none__1" / "DONE").write_text("")
     second = lines()
-    assert len(second) == 157 - 3
+    assert len(second) == len(first) - 3
     assert not any("make_dataset.py" in line or "medium-v0 --algo cql --seed 1 " in line for line in second)
     assert any("medium-replay-v0 --algo cql --seed 1 " in line for line in second)
     assert not any("local-pendulum-medium-v0__cql__none__1 " in line for line in second)
@@ -154,7 +174,7 @@ def test_a_missing_dataset_is_not_remade_when_every_run_that_needs_it_is_done(qu
             run.outputs[0].parent.mkdir(parents=True, exist_ok=True)
             run.outputs[0].write_bytes(b"")
     todo = suite.runs_to_do(quick_plan)
-    assert [run.stage for run in todo] == ["online"] * 150
+    assert [run.stage for run in todo] == ["online"] * 50 * QUICK_ALGOS
 
 
 def fake_run(tmp_path, run_id, stage, code, deps=(), online=False):
@@ -163,7 +183,8 @@ def fake_run(tmp_path, run_id, stage, code, deps=(), online=False):
     run_dir = tmp_path / "runs" / run_id if online else None
     program = f"import pathlib; pathlib.Path({str(out)!r}).write_text('x'); {code}"
     return suite.Run(run_id, stage, ["python", "-c", program], list(deps),
-                     [run_dir / "DONE"] if online else [out], run_dir, {"id": run_id})
+                     [run_dir / "DONE"] if online else [out], run_dir, {"id": run_id},
+                     done_file=run_dir / "DONE" if online else None)
 
 
 def test_execute_skips_finished_runs_and_continues_past_a_failure(tmp_path, capsys):
@@ -182,6 +203,148 @@ def test_execute_skips_finished_runs_and_continues_past_a_failure(tmp_path, caps
     assert json.loads((tmp_path / "runs" / "d" / "suite.json").read_text()) == {"id": "d"}
     assert "hello" in (tmp_path / "logs" / "d.log").read_text()
     assert "4 runs to do, 1 already done" in capsys.readouterr().out
+
+
+def test_locomotion_cpu_preset_makes_3_envs_data_then_pretrains_once_per_dataset_and_algo():
+    preset, _, _ = suite.resolve(suite.Args(preset="locomotion-cpu"))
+    runs = suite.plan("locomotion-cpu", preset, "r", "c")
+    stages = [run.stage for run in runs]
+    # 3 envs x 2 qualities x 4 algos x 1 checkpoint; x 5 methods x 5 seeds
+    assert stages == ["dataset"] * 3 + ["pretrain"] * 24 + ["online"] * 600
+    assert [run.command[2:7] for run in runs[:3]] == [["--gym-id", gym_id, "--qualities", "medium-replay", "medium"]
+                                                      for gym_id in ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")]
+    assert all(contains(run.command, ["--total-timesteps", "150000"]) for run in runs[:3])
+    assert all(contains(run.command, ["--hidden-dims", "256", "256"]) for run in runs if run.stage != "online")
+    online = [run for run in runs if run.stage == "online"]
+    assert {run.meta["method"] for run in online} == {"none", "samg", "even", "random", "offline-0.5"}
+    assert {run.meta["algo"] for run in online} == {"cql", "td3bc", "awac", "iql"}
+    assert all(run.meta["checkpoint_seed"] == 1 and run.meta["total_timesteps"] == 100_000 for run in online)
+
+
+def test_flags_added_on_the_command_line_reach_every_run_of_their_stage_after_the_presets_own():
+    preset, _, _ = suite.resolve(suite.Args(preset="quick", dataset_args="--track",
+                                            pretrain_args="--track --wandb-project-name 'samg paper'",
+                                            online_args="--no-cuda --qoff-refresh-every 777"))
+    for run in suite.plan("quick", preset, "r", "c"):
+        added = {"dataset": ["--track"], "pretrain": ["--track", "--wandb-project-name", "samg paper"],
+                 "online": ["--no-cuda", "--qoff-refresh-every", "777"]}[run.stage]
+        assert run.command[-len(added):] == added, run.id
+    online = next(run for run in suite.plan("quick", preset, "r", "c") if run.stage == "online").command
+    refresh = [online[i + 1] for i, part in enumerate(online) if part == "--qoff-refresh-every"]
+    assert refresh == ["2000", "777"]  # the preset's, then the one added, which the script's parser keeps
+    with pytest.raises(SystemExit, match="--online-args '--seed \"1' is not a shell line"):
+        suite.resolve(suite.Args(preset="quick", online_args='--seed "1'))
+
+
+def run_suite_main(monkeypatch, *arguments):
+    """run_suite.py as the shell runs it, in this process, with every run it would start recorded instead of started.
+    Returns the exit status (or message) and the commands, `python` as in the plan."""
+    started = []
+
+    def record(command, env):
+        started.append(["python" if part == sys.executable else part for part in command])
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", record)
+    monkeypatch.setattr(sys, "argv", ["run_suite.py", *map(str, arguments)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmark" / "run_suite.py"), run_name="__main__")
+    return exit_info.value.code, started
+
+
+@pytest.fixture
+def quick_cli(tmp_path, monkeypatch):
+    """The quick preset's command line in a temporary store and output place, without $SLURM_ARRAY_TASK_ID."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    return ["--preset", "quick", "--runs-dir", tmp_path / "runs", "--checkpoint-dir", tmp_path / "checkpoints"]
+
+
+def make_quick_datasets(tmp_path):
+    for quality in ("medium", "medium-replay"):
+        (tmp_path / "minari" / "local" / "pendulum" / f"{quality}-v0" / "data").mkdir(parents=True)
+
+
+def test_index_n_of_a_stage_runs_the_command_that_print_commands_lists_at_line_n(quick_cli, tmp_path, monkeypatch,
+                                                                                   capsys):
+    for stage in ("dataset", "pretrain", "online"):
+        if stage == "pretrain":
+            make_quick_datasets(tmp_path)
+        if stage == "online":  # every checkpoint exists; their pretraining runs are done
+            (tmp_path / "checkpoints").mkdir()
+            for algo in suite.ALGOS:
+                for dataset in ("medium", "medium-replay"):
+                    (tmp_path / "checkpoints" / f"local-pendulum-{dataset}-v0__{algo}__1.pt").write_bytes(b"")
+        capsys.readouterr()
+        assert run_suite_main(monkeypatch, *quick_cli, "--stage", stage, "--print-commands") == (0, [])
+        lines = capsys.readouterr().out.splitlines()
+        assert run_suite_main(monkeypatch, *quick_cli, "--stage", stage, "--count") == (0, [])
+        count = int(capsys.readouterr().out)
+        assert count == len(lines) == {"dataset": 1, "pretrain": 2 * QUICK_ALGOS, "online": 50 * QUICK_ALGOS}[stage]
+        for index in sorted({0, count // 2, count - 1}):
+            status, started = run_suite_main(monkeypatch, *quick_cli, "--stage", stage, "--index", index)
+            assert len(started) == 1, (stage, index)
+            command = shlex.join(started[0])
+            if stage == "online":  # the line also writes suite.json before and DONE after
+                assert f" && {command} && touch " in lines[index]
+            else:
+                assert lines[index] == command
+            assert status == (0 if stage == "online" else 1)  # nothing was made: only the online DONE is written
+    online_dir = tmp_path / "runs" / "local-pendulum-medium-v0__cql__none__1"
+    assert (online_dir / "DONE").exists() and json.loads((online_dir / "suite.json").read_text())["seed"] == 1
+
+
+def test_the_index_defaults_to_slurm_array_task_id_and_a_finished_run_is_skipped(quick_cli, tmp_path, monkeypatch,
+                                                                                  quick_plan):
+    make_quick_datasets(tmp_path)
+    pretrain = [run for run in quick_plan if run.stage == "pretrain"]  # the same plan: same store and directories
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert run_suite_main(monkeypatch, *quick_cli, "--stage", "pretrain")[1] == [pretrain[3].command]
+    assert run_suite_main(monkeypatch, *quick_cli, "--stage", "pretrain", "--index", 1)[1] == [pretrain[1].command]
+    pretrain[3].outputs[0].parent.mkdir(parents=True)
+    pretrain[3].outputs[0].write_bytes(b"")  # its checkpoint: run 3 is done, so a re-submitted task does nothing
+    assert run_suite_main(monkeypatch, *quick_cli, "--stage", "pretrain") == (0, [])
+
+
+def test_a_missing_or_out_of_range_index_and_a_run_whose_inputs_are_not_done_are_one_sentence_errors(
+        quick_cli, tmp_path, monkeypatch):
+    status = run_suite_main(monkeypatch, *quick_cli, "--stage", "online")[0]
+    assert status == (f"error: --stage online needs --index N or $SLURM_ARRAY_TASK_ID to say which run; the online "
+                      f"stage of the quick preset has {50 * QUICK_ALGOS} runs (indices 0 to {50 * QUICK_ALGOS - 1})")
+    count = 2 * QUICK_ALGOS
+    for index in (count, -1):
+        assert run_suite_main(monkeypatch, *quick_cli, "--stage", "pretrain", "--index", index)[0] == (
+            f"error: index {index} is out of range; the pretrain stage of the quick preset has {count} runs "
+            f"(indices 0 to {count - 1})")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert run_suite_main(monkeypatch, *quick_cli, "--stage", "dataset")[0] == (
+        "error: index 1 is out of range; the dataset stage of the quick preset has 1 run (index 0)")
+    status, started = run_suite_main(monkeypatch, *quick_cli, "--stage", "pretrain", "--index", 0)  # no dataset yet
+    assert started == [] and status.startswith("error: local-pendulum-medium-v0__cql__1 needs dataset__pendulum (in "
+                                               "the dataset stage), which is not done;")
+    assert run_suite_main(monkeypatch, *quick_cli, "--count")[0].startswith("error: --index and --count")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_suite.py"), *map(str, quick_cli),
+                             "--stage", "pretrain", "--index", "99"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: index 99 is out of range; the pretrain stage of the quick "
+                                                  f"preset has {count} runs (indices 0 to {count - 1})"]
+
+
+# --- prepare_dataset.py ---
+def test_prepare_dataset_resolves_combines_and_loads_a_local_dataset_and_refuses_an_unknown_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    make_tiny_dataset("local/hopper/medium-v0", steps=120, seed=1)
+    make_tiny_dataset("local/hopper/expert-v0", steps=80, seed=2)
+    result = run_script("benchmark/prepare_dataset.py", "--env-id", "hopper-medium-expert-v2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "hopper-medium-expert-v2 -> local/hopper/medium-expert-v0" in result.stdout
+    assert "200 transitions, obs dim 11, action dim 3, env Hopper-v5" in result.stdout
+    assert (tmp_path / "minari" / "local" / "hopper" / "medium-expert-v0" / "data").is_dir()  # combined once, here
+    assert not list(tmp_path.glob("runs*")) and not list(tmp_path.glob("checkpoints*"))  # nothing trained
+    result = run_script("benchmark/prepare_dataset.py", "--env-id", "hopper-mediocre-v2", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: unknown --env-id 'hopper-mediocre-v2'; use a Minari dataset id")
 
 
 # --- report.py ---
@@ -396,7 +559,9 @@ def test_both_estimators_rank_dataset_actions_above_random_ones_on_a_trained_cva
     checkpoint = {key: None for key in po.CHECKPOINT_KEYS}
     checkpoint.update(format=po.CHECKPOINT_FORMAT, algo="td3bc", dataset_id="local/hopper/medium-v0", obs_dim=11,
                       act_dim=3, latent_dim=6, hidden_dims=[64, 64], obs_mean=torch.as_tensor(obs_mean),
-                      obs_std=torch.as_tensor(obs_std), args={"cvae_lr": 1e-3})
+                      obs_std=torch.as_tensor(obs_std), args={"cvae_lr": 1e-3}, gym_id="Hopper-v5", gym_kwargs={},
+                      action_low=-torch.ones(3), action_high=torch.ones(3), reward_scale=1.0, reward_bias=0.0,
+                      ref_min_score=0.0, ref_max_score=100.0)
     obs = torch.as_tensor((data["observations"] - obs_mean) / obs_std, dtype=torch.float32)
     torch.manual_seed(0)
     cvae, calibration = ood.train_cvae(checkpoint, obs, torch.as_tensor(data["actions"]), steps=400)
