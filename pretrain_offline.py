@@ -1,8 +1,9 @@
-"""Offline pretraining for SAMG: CQL, TD3+BC or AWAC, plus the conditional VAE that SAMG's p(s, a) needs.
+"""Offline pretraining for SAMG: CQL, TD3+BC, AWAC or IQL, plus the conditional VAE that SAMG's p(s, a) needs.
 
     python pretrain_offline.py --env-id hopper-medium-v2 --algo cql
 
-Writes `checkpoints/{env}__{algo}__{seed}.pt`, the file that samg_sac.py / samg_td3.py / samg_awac.py load.
+Writes `checkpoints/{env}__{algo}__{seed}.pt`, the file that samg_sac.py / samg_td3.py / samg_awac.py /
+samg_iql.py load.
 The online scripts never read the dataset: everything they need (networks, C-VAE, its calibration, state
 statistics, reward transform, reference scores) is in that checkpoint.
 """
@@ -30,8 +31,9 @@ from torch.utils.tensorboard import SummaryWriter
 class Args:
     env_id: str = "hopper-medium-v2"
     """Minari dataset id (`mujoco/hopper/medium-v0`) or D4RL-style name (`hopper-medium-v2`, `antmaze-umaze-v2`)"""
-    algo: Literal["cql", "td3bc", "awac"] = "cql"
-    """offline algorithm: cql (for samg_sac.py), td3bc (for samg_td3.py), awac (for samg_awac.py)"""
+    algo: Literal["cql", "td3bc", "awac", "iql"] = "cql"
+    """offline algorithm: cql (for samg_sac.py), td3bc (for samg_td3.py), awac (for samg_awac.py), iql (for
+    samg_iql.py)"""
     seed: int = 1
     """seed of the experiment (also names the checkpoint)"""
     total_steps: int = 1_000_000
@@ -70,6 +72,12 @@ class Args:
     """AWAC temperature lambda in exp(A / lambda) (default: 1.0, 0.1 for antmaze and adroit)"""
     awac_max_weight: float = 100.0
     """AWAC: clip of the advantage weights"""
+    iql_expectile: Optional[float] = None
+    """IQL: expectile of Q that V regresses to (default: 0.7, 0.9 for antmaze); the value network uses --critic-lr"""
+    iql_beta: Optional[float] = None
+    """IQL: inverse temperature beta in exp(beta (Q - V)) (default: 3.0, 10.0 for antmaze)"""
+    iql_max_weight: float = 100.0
+    """IQL: clip of the advantage weights"""
     cvae_lr: float = 1e-3
     """C-VAE learning rate"""
     latent_dim: Optional[int] = None
@@ -386,6 +394,39 @@ class GaussianActor(nn.Module):
         if deterministic:
             return mean
         return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+# --- end shared ---
+
+
+# --- shared: IQL value and losses ---
+class StateValue(nn.Module):
+    """IQL's state value: V(obs [B, o]) -> [B]."""
+
+    def __init__(self, obs_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, 1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+def expectile_loss(difference: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric squared loss on u = Q(s, a) - V(s): weight `expectile` where u >= 0 and 1 - `expectile`
+    where u < 0, so that V learns an upper expectile of Q over the data's actions (a soft max) rather than its mean."""
+    weight = (expectile - (difference < 0).to(difference.dtype)).abs()
+    return (weight * difference.pow(2)).mean()
+
+
+def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, beta: float, max_weight: float):
+    """IQL's actor loss: -log pi(a|s) of the batch's own actions, weighted by exp(beta A) clipped at max_weight."""
+    weights = torch.exp(beta * advantage).clamp(max=max_weight)
+    return -(weights * actor.log_prob(obs, actions)).mean()
+
+
+def check_expectile(expectile: Optional[float]):
+    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
+    the loss vanishes and V drifts without bound."""
+    if expectile is not None and not 0.0 < expectile < 1.0:
+        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
 # --- end shared ---
 
 
@@ -896,6 +937,35 @@ def awac_update(step, batch, nets, opts, args):
             "losses/qf_values": q_data.detach().mean()}
 
 
+def iql_update(step, batch, nets, opts, args):
+    """IQL: V regresses to an upper expectile of the target critics' Q at the data's actions; the critics regress
+    to r + gamma V(s'); the actor to the data's actions weighted by exp(beta (Q - V)). No action outside the data
+    is ever evaluated."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic, value = nets["actor"], nets["critic"], nets["value"]
+    with torch.no_grad():
+        target_q = nets["critic_target"](obs, actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * value(next_obs)
+    advantage = target_q - value(obs)
+    value_loss = expectile_loss(advantage, args.iql_expectile)
+    opts["value"].zero_grad()
+    value_loss.backward()
+    opts["value"].step()
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage.detach(), args.iql_beta,
+                                               args.iql_max_weight)
+    opts["actor"].zero_grad()
+    actor_loss.backward()
+    opts["actor"].step()
+    soft_update(nets["critic_target"], critic, args.tau)
+    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/value_loss": value_loss.detach(),
+            "losses/actor_loss": actor_loss.detach(), "losses/qf_values": q_data.detach().mean()}
+
+
 def cvae_update(cvae: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.Tensor, actions: torch.Tensor):
     loss = cvae_loss(cvae, obs, actions)
     optimizer.zero_grad()
@@ -904,8 +974,8 @@ def cvae_update(cvae: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.Te
     return loss.detach()
 
 
-ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor}
-UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update}
+ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor, "iql": GaussianActor}
+UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update, "iql": iql_update}
 
 
 def build_learner(args: Args, obs_dim: int, act_dim: int, device: torch.device):
@@ -926,6 +996,9 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device: torch.device):
     if args.algo == "td3bc":
         nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
         nets["actor_target"].load_state_dict(actor.state_dict())
+    if args.algo == "iql":  # the state value V(s), learnt at the critics' learning rate as in IQL and CORL
+        nets["value"] = StateValue(obs_dim, hidden).to(device)
+        opts["value"] = adam(nets["value"].parameters(), args.critic_lr)
     return nets, opts
 
 
@@ -949,9 +1022,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_numbers(args, positive=("total_steps", "batch_size", "hidden_dims", "num_critics", "critic_lr", "actor_lr",
                                   "cql_n_actions", "cql_temperature", "policy_freq", "awac_lambda", "awac_max_weight",
-                                  "cvae_lr", "latent_dim", "eval_freq", "eval_episodes"),
+                                  "iql_beta", "iql_max_weight", "cvae_lr", "latent_dim", "eval_freq", "eval_episodes"),
                   non_negative=("seed", "cvae_steps", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
                   unit_interval=("gamma", "tau"))
+    check_expectile(args.iql_expectile)
     safe_env_id = args.env_id.replace("/", "-")
     checkpoint_path = os.path.join(args.checkpoint_dir, f"{safe_env_id}__{args.algo}__{args.seed}.pt")
     if os.path.exists(checkpoint_path) and not args.overwrite:
@@ -968,6 +1042,9 @@ if __name__ == "__main__":
     args.cql_alpha = args.cql_alpha if args.cql_alpha is not None else (10.0 if goal_task else 5.0)
     args.awac_lambda = args.awac_lambda if args.awac_lambda is not None else (
         0.1 if goal_task or dexterous_task else 1.0)
+    # IQL: CORL's values for locomotion and antmaze [our choice of CORL's values]
+    args.iql_expectile = args.iql_expectile if args.iql_expectile is not None else (0.9 if goal_task else 0.7)
+    args.iql_beta = args.iql_beta if args.iql_beta is not None else (10.0 if goal_task else 3.0)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     args.latent_dim = args.latent_dim or 2 * act_dim
     run_name = f"{safe_env_id}__{args.exp_name}_{args.algo}__{args.seed}__{int(time.time())}"
@@ -1052,6 +1129,8 @@ if __name__ == "__main__":
     }
     if args.algo == "cql":
         checkpoint["log_alpha"] = nets["log_alpha"].detach().cpu()
+    if args.algo == "iql":
+        checkpoint["value"] = {k: v.cpu() for k, v in nets["value"].state_dict().items()}
     save_checkpoint(checkpoint, checkpoint_path)
     writer.close()
     print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")

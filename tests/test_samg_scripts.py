@@ -143,10 +143,10 @@ def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "updates/s" not in line
             and not line.startswith("| ---")]
     assert rows[0].startswith("| plain PyTorch SAC (reference) |") and rows[0].endswith("| 1.00x |")
-    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py"]:
+    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py", "samg_iql.py"]:
         for coef_mode in ["cvae", "none"]:
             assert any(row.startswith(f"| {script} --coef-mode {coef_mode} |") for row in rows)
-    assert sum("pretrain_offline.py --algo" in row for row in rows) == 3
+    assert sum("pretrain_offline.py --algo" in row for row in rows) == 4
 
 
 # --- bad input: each case is a command and the sentence it must print; nothing is run or written ---

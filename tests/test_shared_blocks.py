@@ -4,7 +4,7 @@ from collections import defaultdict
 
 from conftest import ROOT
 
-SCRIPTS = ["pretrain_offline.py", "make_dataset.py", "samg_sac.py", "samg_td3.py", "samg_awac.py"]
+SCRIPTS = ["pretrain_offline.py", "make_dataset.py", "samg_sac.py", "samg_td3.py", "samg_awac.py", "samg_iql.py"]
 BLOCK = re.compile(r"^# --- shared: (?P<name>.+?) ---\n(?P<body>.*?)^# --- end shared ---$", re.S | re.M)
 
 
@@ -30,7 +30,8 @@ def test_every_shared_block_is_byte_identical_in_every_script_that_has_it():
 
 def test_online_scripts_carry_every_block_they_need():
     blocks = shared_blocks()
-    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py"]:
+    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py", "samg_iql.py"]:
         if (ROOT / script).exists():
             for name in ["environment", "networks", "C-VAE and p(s,a)", "checkpoint I/O", "evaluation", "SAMG target"]:
                 assert script in blocks[name], f"{script} lacks the shared block '{name}'"
+    assert {"pretrain_offline.py", "samg_iql.py"} <= set(blocks["IQL value and losses"])

@@ -1,0 +1,1134 @@
+"""SAMG online fine-tuning of an IQL checkpoint with IQL, using only online data.
+
+    python pretrain_offline.py --env-id hopper-medium-v2 --algo iql
+    python samg_iql.py --env-id hopper-medium-v2
+
+IQL's critics learn from r + gamma V(s') and never evaluate an action outside the data, so SAMG's guidance acts on
+the state value [our choice]: y = r + gamma (1 - d) [(1 - p) V(s') + p V_off(s')], with V_off the frozen offline
+value network (`iql_target`, which hands both values to the shared `samg_target`; p from `samg_coefficient`).
+The target has no next action, so `--p-at next` evaluates p at (s', a' ~ pi(s')), the action the online agent,
+whose data V is fitted to, takes at s' [our choice]; `--p-at sample` at (s, a) draws no action at all.
+The adaptive refresh copies V into V_off (--qoff-refresh, --qoff-refresh-every). The offline dataset is never
+read: everything comes from the checkpoint.
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+OFFLINE_ALGO = "iql"  # the `pretrain_offline.py --algo` whose checkpoint this script fine-tunes
+
+
+# --- shared: online arguments ---
+@dataclass
+class OnlineArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    env_id: str = "hopper-medium-v2"
+    """the dataset id the checkpoint was pretrained on (it names the default checkpoint)"""
+    seed: int = 1
+    """seed of the experiment; also picks the checkpoint"""
+    checkpoint: Optional[str] = None
+    """offline checkpoint (default: checkpoints/{env_id, / as -}__{algo}__{seed}.pt)"""
+    gym_id: Optional[str] = None
+    """Gymnasium id to fine-tune on instead of the checkpoint's own (its spaces must match the checkpoint)"""
+    total_timesteps: int = 250_000
+    """online environment steps"""
+    learning_starts: int = 5000
+    """steps collected with the pretrained policy before the first update"""
+    utd: int = 1
+    """updates per environment step (update-to-data ratio)"""
+    batch_size: int = 256
+    """minibatch size"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network smoothing coefficient"""
+    num_critics: Optional[int] = None
+    """Q-functions in the ensemble (default: the checkpoint's; extra members repeat the checkpoint's in turn)"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    actor_lr: float = 3e-4
+    """actor learning rate"""
+    coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
+    """p: cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    p_at: Literal["sample", "next", "both"] = "next"
+    """the pair p is evaluated at: sample (s, a) as the paper's text indexes it, next (s', a') whose Q_off value
+    enters the target, or both (their product) [our choice of default, by benchmark/results: see README]"""
+    p_estimator: Literal["latent", "elbo"] = "elbo"
+    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs; the default, by benchmark/ood.py) or latent"""
+    p_threshold: float = 0.2
+    """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
+    p_fade: Literal["none", "outgrown", "linear"] = "none"
+    """lower p where the agent has outgrown Q_off: outgrown (p = 0 where Qbar(s', a') exceeds Q_off(s', a') by more
+    than the recent mean |TD error|), linear (p x max(0, 1 - step / --p-fade-steps)) [our choice]"""
+    p_fade_steps: int = 100_000
+    """linear fade: environment steps after which p is 0"""
+    adaptive: bool = True
+    """the adaptive update: both halves below (no: the C-VAE, its reference and Q_off stay frozen)"""
+    cvae_learning: bool = True
+    """adaptive half (a): the C-VAE learns on mastered samples, and the elbo reference is re-ranked as it learns"""
+    qoff_refresh: bool = True
+    """adaptive half (b): copy the online critic into Q_off every --qoff-refresh-every steps"""
+    mastered_quantile: float = 0.5
+    """share of each batch, lowest |TD error| first, that counts as mastered"""
+    cvae_update_every: int = 1
+    """adaptive: one C-VAE step on the mastered samples every this many updates"""
+    cvae_lr: float = 1e-3
+    """adaptive: C-VAE learning rate"""
+    recalibrate_every: int = 50
+    """adaptive: re-rank the elbo reference (the checkpoint's offline reservoir) every this many C-VAE steps"""
+    qoff_refresh_every: int = 50_000
+    """adaptive: copy the online critic into Q_off every this many environment steps"""
+    offline_data_ratio: float = 0.0
+    """share of every batch drawn from the checkpoint's offline dataset (0: SAMG's 100% online data; 0.5: the
+    baseline that keeps the data, as RLPD's symmetric sampling); only this flag ever reads offline data online"""
+    eval_freq: int = 5000
+    """evaluate the deterministic policy at step 0 and every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_freq: int = 1000
+    """losses are averaged over, and written every, this many steps"""
+    save_model: bool = False
+    """write {run_dir}/{run_name}/model.pt, reloadable like the offline checkpoint"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to videos/{run_name}"""
+    track: bool = False
+    """log to Weights and Biases too"""
+    wandb_project_name: str = "samg"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    run_dir: str = "runs"
+    """TensorBoard logs and saved models go to {run_dir}/{run_name}"""
+    compile: bool = False
+    """wrap the update functions in torch.compile"""
+    cudagraphs: bool = False
+    """on CUDA, compile the updates with CUDA graphs (torch.compile mode reduce-overhead)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+# --- end shared ---
+
+
+@dataclass
+class Args(OnlineArgs):
+    iql_expectile: Optional[float] = None
+    """expectile of Q that V regresses to (default: the one the checkpoint was pretrained with)"""
+    iql_beta: Optional[float] = None
+    """inverse temperature beta in exp(beta (Q - V)) (default: the one the checkpoint was pretrained with)"""
+    iql_max_weight: float = 100.0
+    """clip of the advantage weights"""
+
+
+# --- shared: environment ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flatten_obs(obs):
+    """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
+    is in achieved_goal, so leaving it out would blind the policy."""
+    if isinstance(obs, dict):
+        return np.concatenate([obs["observation"], obs["achieved_goal"], obs["desired_goal"]], axis=-1)
+    return obs
+
+
+def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str] = None):
+    if gym_id not in gym.registry:
+        import gymnasium_robotics  # registers AntMaze and Adroit, which only these tasks need
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(gym_id, render_mode=render_mode, **gym_kwargs)
+    env.action_space.seed(seed)
+    return env
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The networks act in [-1, 1]; the environment gets [low, high]."""
+    return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+# --- end shared ---
+
+
+# --- shared: checks, logs and progress ---
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
+             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
+    for fields, allowed, what in rules:
+        for field in fields:
+            value = getattr(args, field)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
+                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
+
+
+def check_writable(directory: str, flag_name: str):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
+    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+
+
+def exit_quietly_on_interrupt(exc_type, exc, traceback):
+    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    sys.__excepthook__(exc_type, exc, traceback)
+
+
+def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
+    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=settings, name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    days, seconds = divmod(seconds, 86_400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{days}d {clock}" if days else clock
+
+
+class Progress:
+    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
+    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.last_time, self.last_step = time.time(), 0
+
+    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
+        """Prints if it is time and returns the recent steps per second, else returns None."""
+        now = time.time()
+        if not (force or step == self.total or now - self.last_time >= self.every):
+            return None
+        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = duration((self.total - step) / sps) if sps > 0 else "?"
+        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
+        self.last_time, self.last_step = now, step
+        return sps
+# --- end shared ---
+
+
+# --- shared: networks ---
+def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    if output_activation is not None:
+        layers.append(output_activation)
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers as one batched matmul: [n, batch, in] -> [n, batch, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, member by member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """N Q-functions evaluated in one call: forward(obs [B, o], action [B, a]) -> Q values [N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, num_critics: int):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims]
+        layers = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU()]
+        layers.append(VectorizedLinear(dims[-1], 1, num_critics))
+        self.net = nn.Sequential(*layers)
+        self.num_critics = num_critics
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+
+
+def without_weight_grads(critic: CriticEnsemble, obs, actions):
+    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
+    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
+    return torch.func.functional_call(critic, weights, (obs, actions))
+# --- end shared ---
+
+
+# --- shared: Gaussian actor ---
+class GaussianActor(nn.Module):
+    """AWAC policy: N(tanh(f(s)), std) with a state-independent log-std clamped to [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self.net(obs), self.log_std.clamp(-5.0, 2.0)
+        return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        mean = self.net(obs)
+        if deterministic:
+            return mean
+        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+# --- end shared ---
+
+
+# --- shared: IQL value and losses ---
+class StateValue(nn.Module):
+    """IQL's state value: V(obs [B, o]) -> [B]."""
+
+    def __init__(self, obs_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, 1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+def expectile_loss(difference: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric squared loss on u = Q(s, a) - V(s): weight `expectile` where u >= 0 and 1 - `expectile`
+    where u < 0, so that V learns an upper expectile of Q over the data's actions (a soft max) rather than its mean."""
+    weight = (expectile - (difference < 0).to(difference.dtype)).abs()
+    return (weight * difference.pow(2)).mean()
+
+
+def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, beta: float, max_weight: float):
+    """IQL's actor loss: -log pi(a|s) of the batch's own actions, weighted by exp(beta A) clipped at max_weight."""
+    weights = torch.exp(beta * advantage).clamp(max=max_weight)
+    return -(weights * actor.log_prob(obs, actions)).mean()
+
+
+def check_expectile(expectile: Optional[float]):
+    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
+    the loss vanishes and V drifts without bound."""
+    if expectile is not None and not 0.0 < expectile < 1.0:
+        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
+# --- end shared ---
+
+
+# --- shared: C-VAE and p(s,a) ---
+class CVAE(nn.Module):
+    """Conditional VAE of actions given states: encoder (s, a) -> N(mu, sigma) in R^d, decoder (s, z) -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden_dims):
+        super().__init__()
+        self.encoder = mlp([obs_dim + act_dim, *hidden_dims, 2 * latent_dim])
+        self.decoder = mlp([obs_dim + latent_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+
+    def encode(self, obs: torch.Tensor, action: torch.Tensor):
+        mu, log_std = self.encoder(torch.cat([obs, action], dim=-1)).chunk(2, dim=-1)
+        return mu, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([obs, z], dim=-1))
+
+
+def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Training loss: MSE reconstruction + 0.5 * KL(N(mu, sigma) || N(0, I)), both averaged over elements."""
+    mu, log_std = cvae.encode(obs, action)
+    recon = cvae.decode(obs, mu + log_std.exp() * torch.randn_like(mu))
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).mean()
+    return F.mse_loss(recon, action) + 0.5 * kl
+
+
+def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+    mu, log_std = cvae.encode(obs, action)
+    recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
+    return recon_error + kl
+
+
+def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension j is an independent Gaussian; q_j = 2 (1 - Phi(|mu_j|)) is the prior's two-sided
+    tail mass beyond the encoder mean, and p is their average (linear weighting)."""
+    mu, _ = cvae.encode(obs, action)
+    return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
+
+
+def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
+    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+# --- end shared ---
+
+
+# --- shared: checkpoint I/O ---
+CHECKPOINT_FORMAT = "samg-offline-1"
+CHECKPOINT_KEYS = (
+    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
+    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
+    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+)
+
+
+def save_checkpoint(payload: dict, path: str):
+    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
+    if checkpoint["algo"] != algo:
+        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
+             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    check_checkpoint_fields(checkpoint, path)
+    return checkpoint
+
+
+def check_checkpoint_fields(checkpoint: dict, path: str):
+    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
+    checkpoint is one sentence here instead of a traceback or silent nan later."""
+    def bad(key: str, what: str):
+        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
+
+    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape is not None and tuple(value.shape) != shape:
+            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
+        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if positive else ""))
+        return value
+
+    for key in ("obs_dim", "act_dim", "latent_dim"):
+        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
+            bad(key, f"{checkpoint[key]!r} is not a positive integer")
+    hidden = checkpoint["hidden_dims"]
+    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
+        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
+    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
+        bad("gym_id or gym_kwargs", "not a string and a dict")
+    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
+    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
+    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
+    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
+                                                                                  checkpoint["action_high"], (act_dim,))
+    if not (low < high).all():
+        bad("action_low", "not below action_high everywhere")
+    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
+        tensor(key, checkpoint[key], ())
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
+        bad("log_alpha", "not a single number")
+    calibration = checkpoint["cvae_calibration"]
+    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
+        bad("cvae_calibration", "no neg_elbo_quantiles")
+    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
+    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
+        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
+    if "reservoir_obs" in calibration:
+        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
+        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
+        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
+        if count < 2:
+            bad("reservoir_obs", "fewer than two pairs")
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+# --- shared: SAMG target ---
+def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
+                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
+    batch = obs.shape[0]
+    if coef_mode == "none":
+        return obs.new_zeros(batch)
+    if coef_mode == "even":
+        return obs.new_full((batch,), 0.5)
+    if coef_mode == "random":
+        return torch.rand(batch, device=obs.device)
+    if p_estimator == "latent":
+        p_vae = p_latent(cvae, obs, actions)
+    else:
+        p_vae = p_elbo(cvae, neg_elbo_reference, obs, actions)
+    return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
+
+
+class Guidance:
+    """What p needs beyond the batch: the C-VAE, the sorted negative ELBOs its elbo estimate is ranked against, and
+    the state of the fade. The reference is re-ranked on the checkpoint's reservoir of offline pairs whenever the
+    C-VAE learns, so a pair's p keeps meaning "as familiar as that share of the offline data" (the reservoir is
+    never used to train anything)."""
+
+    def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
+        self.args, self.cvae = args, cvae
+        self.reservoir = None
+        if "reservoir_obs" in calibration:
+            self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
+            self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
+            self.recalibrate()
+        else:  # an older checkpoint: the fixed offline calibration
+            self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
+        self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
+        self.scale = torch.ones((), device=device)  # the linear fade's factor, set by the training loop
+
+    @torch.no_grad()
+    def recalibrate(self):
+        if self.reservoir is not None:
+            self.neg_elbo_reference.copy_(negative_elbo(self.cvae, *self.reservoir).sort().values)
+
+    @torch.no_grad()
+    def observe(self, td_error: torch.Tensor):
+        mean = td_error.mean()
+        self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
+                                               self.recent_td_error.lerp(mean, 0.01)))
+
+    def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
+        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded."""
+        obs, actions, _, next_obs, _ = batch
+        args = self.args
+
+        def at(o, a):
+            return samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, self.cvae,
+                                    self.neg_elbo_reference, o, a)
+
+        if args.coef_mode != "cvae" or args.p_at == "sample":
+            p = at(obs, actions)
+        elif args.p_at == "next":
+            p = at(next_obs, next_actions)
+        else:
+            p = at(obs, actions) * at(next_obs, next_actions)
+        if args.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
+            p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
+        elif args.p_fade == "linear":
+            p = p * self.scale
+        return p
+
+
+def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
+    """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
+    return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
+
+
+SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
+                "samg/qoff_above_frac")
+
+
+def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
+                guidance: Guidance, gamma: float, diagnose: bool):
+    """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
+    Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
+    asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
+    _, _, rewards, next_obs, dones = batch
+    next_value_target = critic_target(next_obs, next_actions).min(0).values
+    if guidance.args.coef_mode == "none" and not diagnose:
+        p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
+        return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
+    next_value_offline = q_offline(next_obs, next_actions).min(0).values
+    p = guidance.p(batch, next_actions, next_value_target, next_value_offline)
+    target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
+    intrinsic = gamma * p * (next_value_offline - next_value_target)
+    metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
+                           next_value_target.mean(), (next_value_offline > next_value_target).float().mean()])
+    return target, p, metrics
+
+
+def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
+    """Adaptive p: the C-VAE keeps learning on the pairs the online critic fits best ("mastered"), so p grows
+    where the agent has learned. A fixed-size top-k keeps the update free of host synchronisation."""
+    mastered = td_error.topk(max(1, int(mastered_quantile * td_error.numel())), largest=False).indices
+    loss = cvae_loss(cvae, obs[mastered], actions[mastered])
+    cvae_optimizer.zero_grad()
+    loss.backward()
+    cvae_optimizer.step()
+    return loss.detach().reshape(1)
+# --- end shared ---
+
+
+# --- shared: online training ---
+class ReplayBuffer:
+    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
+        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
+        self.size, self.position = 0, 0
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
+        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row)
+        self.position = (self.position + 1) % len(self.rows)
+        self.size = min(self.size + 1, len(self.rows))
+
+    def sample(self, batch_size: int):
+        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement."""
+        index = torch.randint(self.size, (batch_size,), device=self.rows.device)
+        obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, dim=-1)
+        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
+
+
+def sample_batch(replay: ReplayBuffer, offline: Optional[ReplayBuffer], batch_size: int, offline_ratio: float):
+    """The online replay's batch; with --offline-data-ratio, that share of it comes from the offline data instead
+    (symmetric sampling, as RLPD does)."""
+    if offline is None:
+        return replay.sample(batch_size)
+    num_offline = round(offline_ratio * batch_size)
+    return tuple(torch.cat(parts) for parts in zip(replay.sample(batch_size - num_offline),
+                                                   offline.sample(num_offline)))
+
+
+CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values")
+
+
+def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
+    """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
+    steps; the loss is the mean over members, as CleanRL logs it) and each sample's |TD error| (mean over
+    members) for the adaptive C-VAE."""
+    q_values = critic(obs, actions)
+    qf_loss = (q_values - target).pow(2).mean(1).sum()
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    q_values = q_values.detach()
+    metrics = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
+    return metrics, (q_values - target).abs().mean(0)
+
+
+@torch.no_grad()
+def soft_update(target_params: list, online_params: list, tau: float):
+    torch._foreach_lerp_(target_params, online_params, tau)
+
+
+class MetricMeans:
+    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
+
+    def __init__(self, names):
+        self.names, self.total, self.count = names, None, 0
+
+    def add(self, values: Optional[torch.Tensor]):
+        if values is not None:
+            self.total = values.clone() if self.total is None else self.total + values
+            self.count += 1
+
+    def write(self, writer: SummaryWriter, step: int):
+        if self.count:
+            for name, value in zip(self.names, (self.total / self.count).tolist()):
+                writer.add_scalar(name, value, step)
+        self.total, self.count = None, 0
+# --- end shared ---
+
+
+# --- shared: offline dataset ---
+def load_dataset(dataset_id: str) -> dict:
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
+    checkpoint records (environment, action bounds, reference scores)."""
+    import minari
+
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
+    try:
+        dataset = minari.load_dataset(dataset_id)
+        space = dataset.spec.action_space
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous "
+                 "(Box) actions; use a dataset of a continuous-control environment")
+        for episode in dataset.iterate_episodes():
+            observations = flatten_obs(episode.observations)
+            parts["observations"].append(observations[:-1])
+            parts["next_observations"].append(observations[1:])
+            parts["actions"].append(episode.actions)
+            parts["rewards"].append(episode.rewards)
+            parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
+    except Exception as exc:
+        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {str(exc).strip()[:200]}); delete "
+             "it from the Minari store and make, import or download it again")
+    if sum(len(r) for r in parts["rewards"]) == 0:
+        fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
+    data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
+    for key, value in data.items():
+        if not np.isfinite(value).all():
+            fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
+        recovered = dataset.recover_environment(eval_env=True)
+        env_spec = recovered.spec
+        recovered.close()
+    except Exception as exc:
+        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
+    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
+    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
+    if env_spec.max_episode_steps is not None:
+        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
+    metadata = dataset.storage.metadata
+    ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
+    if None in ref_scores:
+        print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
+        ref_scores = (0.0, 100.0)
+    return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
+                action_low=np.asarray(space.low, dtype=np.float32),
+                action_high=np.asarray(space.high, dtype=np.float32),
+                ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+# --- end shared ---
+
+
+# --- shared: online setup ---
+EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
+
+
+def load_online_checkpoint(args, algo: str):
+    """Checks the arguments and the output place, then loads the offline checkpoint and checks its fields."""
+    check_numbers(args, positive=("total_timesteps", "utd", "batch_size", "critic_lr", "actor_lr", "cvae_lr",
+                                  "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
+                                  "eval_freq", "eval_episodes", "log_freq", "num_critics"),
+                  non_negative=("seed", "learning_starts"),
+                  unit_interval=("gamma", "tau", "p_threshold", "mastered_quantile", "offline_data_ratio"))
+    if args.mastered_quantile == 0.0:
+        fail("--mastered-quantile is 0 but must be in (0, 1]: the C-VAE needs at least one mastered sample")
+    if args.offline_data_ratio == 1.0:
+        fail("--offline-data-ratio is 1 but must be below 1: some of every batch has to be online data")
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts is {args.learning_starts} but must be below --total-timesteps "
+             f"({args.total_timesteps}), or no update would happen")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video needs moviepy; install it with `pip install moviepy` or leave out --capture-video")
+    check_writable(args.run_dir, "--run-dir")
+    path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; make it with "
+             f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
+    return load_checkpoint(path, algo), path
+
+
+def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
+    """The online environment must have the observation and action spaces the checkpoint was trained for. Another
+    --gym-id than the checkpoint's gets that env's own registered settings, not the checkpoint's gym_kwargs."""
+    gym_kwargs = checkpoint["gym_kwargs"] if gym_id == checkpoint["gym_id"] else {}
+    try:
+        env = make_env(gym_id, gym_kwargs, seed, render_mode)
+    except (gym.error.Error, TypeError, ValueError) as exc:
+        fail(f"cannot make the environment {gym_id} with {gym_kwargs} ({exc}); check --gym-id and the checkpoint")
+    obs_dim, action_space = flatten_obs(env.observation_space.sample()).shape[-1], env.action_space
+    if obs_dim != checkpoint["obs_dim"] or action_space.shape != (checkpoint["act_dim"],):
+        fail(f"{gym_id} has {obs_dim}-d observations and {action_space.shape} actions but {path} was trained on "
+             f"{checkpoint['obs_dim']} and ({checkpoint['act_dim']},); fine-tune on {checkpoint['gym_id']}")
+    if not (np.allclose(action_space.low, np.asarray(checkpoint["action_low"], dtype=np.float32))
+            and np.allclose(action_space.high, np.asarray(checkpoint["action_high"], dtype=np.float32))):
+        fail(f"{gym_id} has other action bounds than {path} was trained with; fine-tune on {checkpoint['gym_id']}")
+    return env
+
+
+def loaded(module: nn.Module, state_dict: dict, what: str, path: str, device: torch.device) -> nn.Module:
+    load_weights(module, state_dict, what, path)
+    return module.to(device)
+
+
+def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
+    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
+    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
+    state = checkpoint["critic"]
+    num_critics = num_critics or next(iter(state.values())).shape[0]
+    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    critic, critic_target, q_offline = (
+        loaded(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path, device)
+        for _ in range(3)
+    )
+    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
+
+
+def method_name(args) -> str:
+    """What the run does, for its name: e.g. cvae-next-adaptive, even-static, none, none-offline0.5."""
+    if args.coef_mode == "none":
+        name = "none"
+    else:
+        name = "-".join([args.coef_mode] + ([args.p_at] if args.coef_mode == "cvae" else [])
+                        + ["adaptive" if args.adaptive else "static"]
+                        + ([f"fade-{args.p_fade}"] if args.p_fade != "none" else []))
+    return name + (f"-offline{args.offline_data_ratio:g}" if args.offline_data_ratio > 0 else "")
+
+
+def start_run(args, checkpoint: dict, path: str):
+    """Seeds everything, names the run after the method, opens its log with the hyperparameters."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{method_name(args)}__{args.seed}__{int(time.time())}"
+    settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
+                "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
+                "offline_normalized_score": checkpoint["offline_normalized_score"]}
+    return run_name, open_run_log(args, run_name, settings)
+
+
+def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
+    """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
+                           render_mode="rgb_array" if args.capture_video else None)
+    if args.capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return env
+
+
+def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
+                   device: torch.device, step: int) -> float:
+    obs_mean, obs_std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes,
+                                     args.seed + EVAL_SEED_OFFSET, device)
+    score = float(normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]).mean())
+    writer.add_scalar("eval/return", returns.mean(), step)
+    writer.add_scalar("eval/normalized_score", score, step)
+    if isinstance(eval_env.observation_space, gym.spaces.Dict):
+        writer.add_scalar("eval/success", successes.mean(), step)
+    return score
+
+
+def observation_normalizer(checkpoint: dict):
+    """flatten_obs, then the offline dataset's mean and std from the checkpoint."""
+    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    return lambda obs: ((flatten_obs(obs) - mean) / std).astype(np.float32)
+
+
+class EpisodeLog:
+    """Online episodes: return, length and, on goal tasks, success and regret (mean of 1 - success so far)."""
+
+    def __init__(self, writer: SummaryWriter, goal_task: bool):
+        self.writer, self.goal_task, self.successes = writer, goal_task, []
+        self.episode_return, self.length, self.success = 0.0, 0, 0.0
+
+    def step(self, reward: float, info: dict, episode_over: bool, global_step: int):
+        self.episode_return, self.length = self.episode_return + float(reward), self.length + 1
+        self.success = max(self.success, float(info.get("success", 0.0)))
+        if episode_over:
+            self.writer.add_scalar("charts/episodic_return", self.episode_return, global_step)
+            self.writer.add_scalar("charts/episodic_length", self.length, global_step)
+            if self.goal_task:
+                self.successes.append(self.success)
+                self.writer.add_scalar("charts/success", self.success, global_step)
+                self.writer.add_scalar("charts/regret", 1.0 - float(np.mean(self.successes)), global_step)
+            self.episode_return, self.length, self.success = 0.0, 0, 0.0
+
+
+def log_progress(writer: SummaryWriter, metric_means, global_step: int, progress: Progress, score: float):
+    """Writes the averaged losses and the recent SPS, and prints where the run stands."""
+    for metrics in metric_means:
+        metrics.write(writer, global_step)
+    sps = progress.update(global_step, f"last eval score {score:.1f}", force=True)
+    writer.add_scalar("charts/SPS", int(sps), global_step)
+
+
+def offline_replay(args, checkpoint: dict, device: torch.device) -> Optional[ReplayBuffer]:
+    """With --offline-data-ratio > 0, the checkpoint's dataset with the checkpoint's transforms (normalised states,
+    actions in [-1, 1], training rewards); otherwise None, and the dataset is never opened."""
+    if args.offline_data_ratio == 0.0:
+        return None
+    import minari
+
+    if checkpoint["dataset_id"] not in minari.list_local_datasets():
+        fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which is not in the "
+             "Minari store; make or import it again, or leave out --offline-data-ratio")
+    data = load_dataset(checkpoint["dataset_id"])
+    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    low, high = np.asarray(checkpoint["action_low"]), np.asarray(checkpoint["action_high"])
+    if data["observations"].shape[1] != checkpoint["obs_dim"] or data["actions"].shape[1] != checkpoint["act_dim"]:
+        fail(f"dataset {checkpoint['dataset_id']} does not have the checkpoint's observation and action sizes; "
+             "leave out --offline-data-ratio or pretrain again on it")
+    columns = [(data["observations"] - mean) / std, np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1, 1),
+               data["rewards"][:, None] * checkpoint["reward_scale"] + checkpoint["reward_bias"],
+               (data["next_observations"] - mean) / std, data["terminals"][:, None]]
+    rows = torch.as_tensor(np.concatenate(columns, axis=1), dtype=torch.float32, device=device)
+    replay = ReplayBuffer(len(rows), checkpoint["obs_dim"], checkpoint["act_dim"], device)
+    replay.rows.copy_(rows)
+    replay.size = len(rows)
+    print(f"--offline-data-ratio {args.offline_data_ratio}: {len(rows)} offline transitions from "
+          f"{checkpoint['dataset_id']}", flush=True)
+    return replay
+
+
+def compiled(args, *update_functions):
+    """--compile wraps the update functions in torch.compile; --cudagraphs (CUDA only) also captures CUDA graphs."""
+    if not (args.compile or args.cudagraphs):
+        return update_functions
+    return tuple(torch.compile(f, mode="reduce-overhead" if args.cudagraphs else None) for f in update_functions)
+
+
+def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, networks: dict, **tensors):
+    """Writes the fine-tuned networks under the checkpoint's keys and format, so the file loads like a checkpoint."""
+    payload = dict(checkpoint, online_steps=step, online_normalized_score=score, online_args=dataclasses.asdict(args),
+                   **tensors)
+    for key, network in networks.items():
+        payload[key] = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
+    path = os.path.join(args.run_dir, run_name, "model.pt")
+    save_checkpoint(payload, path)
+    print(f"saved {path}")
+# --- end shared ---
+
+
+class ValueAsCritic(nn.Module):
+    """V(s) where the shared SAMG code expects a critic ensemble Q(s, a) -> [N, B]: one member that ignores the
+    action."""
+
+    def __init__(self, value: StateValue):
+        super().__init__()
+        self.value = value
+
+    def forward(self, obs: torch.Tensor, actions: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.value(obs)[None]
+
+
+def iql_target(batch, actor: GaussianActor, value: ValueAsCritic, value_offline: ValueAsCritic, guidance: Guidance,
+               gamma: float, diagnose: bool):
+    """IQL's target r + gamma V(s') with SAMG's mix on the state value: y = r + gamma (1 - d) [(1 - p) V(s') +
+    p V_off(s')]; samg_metrics' qbar/qoff values are then V(s') and V_off(s'). a' ~ pi(s') is drawn only to find
+    the pair p is evaluated at (--p-at next or both); no value of an action is computed at s'."""
+    needs_next_action = guidance.args.coef_mode == "cvae" and guidance.args.p_at != "sample"
+    next_actions = actor.act(batch[3], deterministic=False) if needs_next_action else None
+    return samg_target(batch, next_actions, 0.0, value, value_offline, guidance, gamma, diagnose)
+
+
+def update_critic(batch, actor, critic, value, value_offline, guidance, critic_optimizer, gamma: float,
+                  diagnose: bool):
+    with torch.no_grad():
+        target, p, samg_metrics = iql_target(batch, actor, value, value_offline, guidance, gamma, diagnose)
+    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
+    guidance.observe(td_error)
+    return metrics, samg_metrics, td_error, p
+
+
+def update_value(obs, actions, critic_target, value, value_optimizer, expectile: float):
+    """V regresses to an upper expectile of the target critics' Q at the batch's own actions. Returns the loss and
+    the advantage Q - V(s) from before the step, which the actor is weighted by (as IQL orders it)."""
+    with torch.no_grad():
+        q_data = critic_target(obs, actions).min(0).values
+    advantage = q_data - value(obs)
+    value_loss = expectile_loss(advantage, expectile)
+    value_optimizer.zero_grad()
+    value_loss.backward()
+    value_optimizer.step()
+    return value_loss.detach().reshape(1), advantage.detach()
+
+
+def update_actor(obs, actions, advantage, actor, actor_optimizer, beta: float, max_weight: float):
+    """Advantage-weighted regression on the online batch: log pi(a|s) weighted by exp(beta (Q(s, a) - V(s)))."""
+    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage, beta, max_weight)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+    return actor_loss.detach().reshape(1)
+
+
+ACTOR_METRICS = ("losses/actor_loss",)
+VALUE_METRICS = ("losses/value_loss",)
+
+
+def loaded_values(checkpoint: dict, path: str, device: torch.device):
+    """The online value V and the frozen offline value V_off, both loaded from the checkpoint's `value`."""
+    value, value_offline = (loaded(StateValue(checkpoint["obs_dim"], checkpoint["hidden_dims"]), checkpoint["value"],
+                                   "value network", path, device) for _ in range(2))
+    return value, value_offline.requires_grad_(False)
+
+
+def iql_settings(args, checkpoint: dict, path: str):
+    """What an iql checkpoint adds: its value network, and the --iql-expectile and --iql-beta it was pretrained with
+    (its `args`), which the flags not given on the command line take after the same checks."""
+    if not isinstance(checkpoint.get("value"), dict):
+        fail(f"{path} has no value network; rewrite it with "
+             f"`python pretrain_offline.py --algo iql --env-id {checkpoint['env_id']} --overwrite`")
+    recorded = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
+    for field, allowed in (("iql_expectile", lambda v: 0.0 < v < 1.0), ("iql_beta", lambda v: v > 0.0)):
+        if getattr(args, field) is None:
+            value = recorded.get(field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and allowed(value)):
+                fail(f"{path} records no usable {field} ({value!r}); pass {flag(field)} or rewrite it with "
+                     "pretrain_offline.py")
+            setattr(args, field, float(value))
+
+
+if __name__ == "__main__":
+    sys.excepthook = exit_quietly_on_interrupt
+    args = tyro.cli(Args)
+    check_numbers(args, positive=("iql_beta", "iql_max_weight"))
+    check_expectile(args.iql_expectile)
+    checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
+    iql_settings(args, checkpoint, checkpoint_path)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
+    run_name, writer = start_run(args, checkpoint, checkpoint_path)
+    eval_env = make_eval_env(args, checkpoint, checkpoint_path, run_name)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    actor = loaded(GaussianActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor", checkpoint_path, device)
+    critic, critic_target, _ = build_critics(checkpoint, args.num_critics, checkpoint_path, device)  # no Q_off: V_off
+    value, value_offline = loaded_values(checkpoint, checkpoint_path, device)
+    value_as_critic, value_offline_as_critic = ValueAsCritic(value), ValueAsCritic(value_offline)
+    cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
+                  checkpoint_path, device)
+    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    value_optimizer = torch.optim.Adam(value.parameters(), lr=args.critic_lr, fused=True)  # as offline
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
+    update_critic, update_value, update_actor, update_cvae = compiled(args, update_critic, update_value, update_actor,
+                                                                      update_cvae_on_mastered)
+    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+
+    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
+    offline = offline_replay(args, checkpoint, device)
+    normalize = observation_normalizer(checkpoint)
+    low, high = env.action_space.low, env.action_space.high
+    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
+    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
+    value_metrics = MetricMeans(VALUE_METRICS)
+    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
+    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
+    refresh_v_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
+
+    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
+    try:
+        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+        obs = normalize(env.reset(seed=args.seed)[0])
+        for global_step in range(1, args.total_timesteps + 1):
+            with torch.no_grad():  # the pretrained policy explores from the first step on
+                action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
+            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            next_obs = normalize(raw_next_obs)
+            # done = terminated only: a time limit never stops bootstrapping
+            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
+            replay.add(obs, action, training_reward, next_obs, terminated)
+            episodes.step(reward, info, terminated or truncated, global_step)
+            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
+            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
+
+            if global_step > args.learning_starts:
+                if args.p_fade == "linear":
+                    guidance.scale.fill_(max(0.0, 1.0 - global_step / args.p_fade_steps))
+                for _ in range(args.utd):
+                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
+                    # IQL's order: the critics' target uses V before its step, the actor the advantage before it
+                    metrics, samg, td_error, p = update_critic(batch, actor, critic, value_as_critic,
+                                                               value_offline_as_critic, guidance, critic_optimizer,
+                                                               args.gamma, diagnose=log_step)
+                    critic_metrics.add(metrics)
+                    samg_metrics.add(samg)
+                    if learn_cvae and num_updates % args.cvae_update_every == 0:
+                        cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
+                                                     args.mastered_quantile))
+                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
+                            guidance.recalibrate()
+                    value_loss, advantage = update_value(batch[0], batch[1], critic_target, value, value_optimizer,
+                                                         args.iql_expectile)
+                    value_metrics.add(value_loss)
+                    actor_metrics.add(update_actor(batch[0], batch[1], advantage, actor, actor_optimizer,
+                                                   args.iql_beta, args.iql_max_weight))
+                    soft_update(target_params, online_params, args.tau)
+                    num_updates += 1
+                if log_step and args.coef_mode != "none":
+                    writer.add_histogram("samg/p", p, global_step)
+            if refresh_v_offline and global_step % args.qoff_refresh_every == 0:  # the refresh of Q_off, on V
+                value_offline.load_state_dict(value.state_dict())
+
+            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
+                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
+            if log_step:
+                log_progress(writer, (critic_metrics, value_metrics, actor_metrics, samg_metrics, cvae_metrics),
+                             global_step, progress, score)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
+    if args.save_model:
+        save_model(args, run_name, checkpoint, global_step, score,
+                   dict(actor=actor, critic=critic, value=value, cvae=cvae))
+    env.close()
+    eval_env.close()
+    writer.close()
+    if interrupted:
+        raise SystemExit(130)
+    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
