@@ -255,7 +255,9 @@ def test_ctrl_c_during_the_swap_takes_effect_only_once_the_new_dataset_is_in_pla
 
     def rename_then_ctrl_c(source, target):
         real_rename(source, target)
-        os.kill(os.getpid(), signal.SIGINT)  # arrives between the old dataset leaving and the new one arriving
+        # arrives between the old dataset leaving and the new one arriving; raise_signal delivers it to this
+        # thread at once (os.kill may hand it to another thread, and so arrive only after the swap)
+        signal.raise_signal(signal.SIGINT)
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
         patched.setattr(os, "rename", rename_then_ctrl_c)
