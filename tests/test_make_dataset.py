@@ -259,10 +259,16 @@ def test_ctrl_c_during_the_swap_takes_effect_only_once_the_new_dataset_is_in_pla
         # thread at once (os.kill may hand it to another thread, and so arrive only after the swap)
         signal.raise_signal(signal.SIGINT)
 
-    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
-        patched.setattr(os, "rename", rename_then_ctrl_c)
-        make_dataset.write_datasets(store, {"local/hopper/medium-v0": new_episodes}, {
-            "local/hopper/medium-v0": ("tests", "new")}, gym.spec("Hopper-v5"), *HOPPER_REF)
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also where the test runner was started with SIGINT ignored
+    # (a background job of a non-interactive shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+            patched.setattr(os, "rename", rename_then_ctrl_c)
+            make_dataset.write_datasets(store, {"local/hopper/medium-v0": new_episodes}, {
+                "local/hopper/medium-v0": ("tests", "new")}, gym.spec("Hopper-v5"), *HOPPER_REF)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert minari.load_dataset("local/hopper/medium-v0").total_steps == len(new_episodes[0].rewards) < 50
     assert hidden_entries(store) == []
 
