@@ -11,6 +11,11 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
+
+# The tests' networks are tiny: one thread in this process, as every script run below gets (OMP_NUM_THREADS=1).
+# With more, a core busy with other work stalls every op (a 32x32 C-VAE step took 0.2 s instead of 2 ms).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER_REF = (-20.272305, 3234.3)  # D4RL's reference scores for hopper
