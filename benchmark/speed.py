@@ -397,16 +397,18 @@ LOOP_ALGOS = {"samg_sac": "cql", "samg_td3": "td3bc", "samg_awac": "awac", "samg
 
 
 def quiet_run(command, env: dict, cwd: str):
-    """Runs a command to its end; returns (wall seconds, CPU seconds of it and its children)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        sys.exit(f"this run failed (exit {process.returncode}): {shlex.join(command)}\n{stderr[-2000:]}")
+    """Runs a command to its end; returns (wall seconds, CPU seconds of it and its children). Its stderr goes to a
+    file (a pipe read only at the end could fill up and stall the run) and is shown if it fails."""
+    with tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        exit_code = process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if exit_code != 0:
+            stderr.seek(0)
+            sys.exit(f"this run failed (exit {exit_code}): {shlex.join(command)}\n"
+                     f"{stderr.read().decode(errors='replace')[-2000:]}")
     return wall, usage.ru_utime + usage.ru_stime
 
 

@@ -149,6 +149,19 @@ def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_
     assert sum("pretrain_offline.py --algo" in row for row in rows) == 4
 
 
+def test_speed_loop_mode_times_whole_runs_of_each_script_with_and_without_guidance(tmp_path):
+    result = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 300, "--loop-warmup", 200,
+                        "--rounds", 1, "--hidden", 16, "--batch-size", 16, "--loop-scripts", "samg_td3", cwd=tmp_path,
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| samg_td3.py")]
+    assert [row[0].strip() for row in rows] == ["samg_td3.py (default: cvae, adaptive)", "samg_td3.py --coef-mode none"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)  # wall and CPU seconds of a real run
+    assert "300 environment steps with 100 updates" in result.stdout
+    bad = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 100, "--loop-warmup", 200, cwd=tmp_path)
+    assert bad.returncode != 0 and "--loop-warmup is 200 but must be below --loop-steps 100" in bad.stderr
+
+
 # --- bad input: each case is a command and the sentence it must print; nothing is run or written ---
 FLAG_CASES = [
     ("samg_sac.py", ["--batch-size", 0], "--batch-size is 0 but must be positive"),
