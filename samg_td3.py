@@ -248,7 +248,7 @@ def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(dims) - 2:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
     if output_activation is not None:
         layers.append(output_activation)
     return nn.Sequential(*layers)
@@ -266,6 +266,8 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[-1] == 1:  # one output: a matrix-vector product per member (batched GEMM is slow here)
+            return torch.stack([torch.addmv(b[0], m, w[:, 0]) for b, m, w in zip(self.bias, x, self.weight)])[..., None]
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -277,7 +279,7 @@ class CriticEnsemble(nn.Module):
         dims = [obs_dim + act_dim, *hidden_dims]
         layers = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU()]
+            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU(inplace=True)]
         layers.append(VectorizedLinear(dims[-1], 1, num_critics))
         self.net = nn.Sequential(*layers)
         self.num_critics = num_critics

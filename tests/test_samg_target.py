@@ -369,3 +369,98 @@ def test_replay_buffer_returns_what_was_stored_with_terminated_as_done(sac):
     obs, actions, rewards, next_obs, dones = replay.sample(3)
     assert obs.tolist() == [[1.0] * OBS_DIM] * 3 and actions.tolist() == [[0.5, -0.5]] * 3
     assert rewards.tolist() == [2.0] * 3 and next_obs.tolist() == [[3.0] * OBS_DIM] * 3 and dones.tolist() == [1.0] * 3
+
+
+# --- the fast update computes what a textbook update computes ---
+class PlainCritic(torch.nn.Module):
+    """One Q-function as one would first write it: nn.Linear layers with out-of-place ReLUs."""
+
+    def __init__(self, ensemble, member: int):
+        super().__init__()
+        linears = [layer for layer in ensemble.net if hasattr(layer, "weight")]
+        self.layers = torch.nn.ModuleList()
+        for layer in linears:
+            with torch.random.fork_rng():  # its initialisation must not move the seeded stream both updates draw from
+                linear = torch.nn.Linear(*layer.weight.shape[1:])
+            with torch.no_grad():
+                linear.weight.copy_(layer.weight[member].T)
+                linear.bias.copy_(layer.bias[member, 0])
+            self.layers.append(linear)
+
+    def forward(self, obs, action):
+        x = torch.cat([obs, action], -1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else torch.relu(layer(x))
+        return x.squeeze(-1)
+
+
+def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided_target_computes(sac):
+    """Batched critics with in-place ReLUs and a matrix-vector last layer, fused Adam, the actor loss through
+    detached critic weights and a fused soft update: the same numbers as separate critics, plain autograd and a loop
+    of lerps, over three updates with guidance (p from the same C-VAE at the same pairs)."""
+    import copy
+
+    data = batch(size=64, seed=3)
+    torch.manual_seed(0)
+    actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
+    critic = sac.CriticEnsemble(OBS_DIM, ACT_DIM, HIDDEN, 2)
+    q_offline = critics(sac, seed=5).requires_grad_(False)
+    cvae = sac.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
+    guide = guidance(sac, cvae, quantiles=torch.linspace(0.0, 20.0, 101), p_threshold=0.1)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(1)
+        a, c = copy.deepcopy(actor), copy.deepcopy(critic)
+        c_target = copy.deepcopy(c).requires_grad_(False)
+        log_alpha = torch.tensor(-1.0, requires_grad=True)
+        optimizers = [torch.optim.Adam(params, lr=1e-3, fused=fast) for params in (a.parameters(), c.parameters(),
+                                                                                    [log_alpha])]
+        plain = [PlainCritic(c, member) for member in range(2)]
+        plain_optimizer = torch.optim.Adam([p for q in plain for p in q.parameters()], lr=1e-3)
+        for _ in range(3):
+            if fast:
+                metrics, _, _, p = sac.update_critic(data, a, c, c_target, q_offline, guide, log_alpha, optimizers[1],
+                                                     0.99, diagnose=False)
+                qf_loss = metrics[0]
+                actor_loss = sac.update_actor(data[0], a, c, log_alpha, optimizers[0], optimizers[2], -ACT_DIM)[0]
+                sac.soft_update(list(c_target.parameters()), list(c.parameters()), 0.005)
+                parameters = [*c.parameters(), *c_target.parameters()]
+            else:
+                obs, actions, rewards, next_obs, dones = data
+                with torch.no_grad():
+                    next_actions, next_log_prob, _ = a(next_obs)
+                    bonus = -log_alpha.exp() * next_log_prob
+                    q_target = torch.min(*[PlainCritic(c_target, m)(next_obs, next_actions) for m in range(2)])
+                    q_off = torch.min(*[PlainCritic(q_offline, m)(next_obs, next_actions) for m in range(2)])
+                    p = sac.samg_coefficient("cvae", "elbo", 0.1, cvae, guide.neg_elbo_reference, next_obs,
+                                             next_actions)
+                    target = rewards + 0.99 * (1 - dones) * ((1 - p) * (q_target + bonus) + p * (q_off + bonus))
+                losses = [(q(obs, actions) - target).pow(2).mean() for q in plain]
+                plain_optimizer.zero_grad()
+                sum(losses).backward()
+                plain_optimizer.step()
+                qf_loss = sum(losses).detach() / 2
+                new_actions, log_prob, _ = a(obs)
+                actor_loss = (log_alpha.exp().detach() * log_prob - torch.min(*[q(obs, new_actions) for q in plain])).mean()
+                optimizers[0].zero_grad()
+                actor_loss.backward()
+                optimizers[0].step()
+                optimizers[2].zero_grad()
+                (-(log_alpha.exp() * (log_prob.detach() - ACT_DIM)).mean()).backward()
+                optimizers[2].step()
+                with torch.no_grad():  # the ensemble's target, moved by hand from the plain critics' weights
+                    for layer, *members in zip([l for l in c_target.net if hasattr(l, "weight")],
+                                               *[q.layers for q in plain]):
+                        for m, linear in enumerate(members):
+                            layer.weight[m].copy_(0.995 * layer.weight[m] + 0.005 * linear.weight.T)
+                            layer.bias[m, 0].copy_(0.995 * layer.bias[m, 0] + 0.005 * linear.bias)
+                parameters = [torch.stack([q.layers[i].weight.T for q in plain]) if j % 2 == 0 else
+                              torch.stack([q.layers[i].bias[None] for q in plain])
+                              for i in range(len(plain[0].layers)) for j in range(2)] + list(c_target.parameters())
+        results.append([qf_loss.detach(), actor_loss.detach(), log_alpha.detach().clone(), p,
+                        *[x.detach().clone() for x in [*a.parameters(), *parameters]]])
+    fast, plain = results
+    assert 0.0 < fast[3].mean() < 1.0  # guidance was mixed in, not all or nothing
+    for x, y in zip(fast, plain, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fast[4], actor.trunk[0].weight)  # it did learn
