@@ -79,6 +79,9 @@ class Args:
     """--mode loop: --learning-starts of every run"""
     loop_scripts: Tuple[str, ...] = ("samg_sac", "samg_td3", "samg_awac")
     """--mode loop: the online scripts to run, each with --coef-mode cvae (the default) and --coef-mode none"""
+    loop_baseline: Optional[str] = None
+    """--mode loop: a checkout of an older version of this project (e.g. `git worktree add /tmp/old HEAD~3`); its
+    online scripts run beside these, in the same turns, labelled (baseline)"""
     cleanrl: Optional[str] = None
     """--mode loop: path of CleanRL's sac_continuous_action.py, run beside the scripts as the yardstick (its
     networks are 256x256 whatever --hidden says)"""
@@ -301,6 +304,31 @@ def samg_iql_step(module, a: Args, device, flags: dict):
     return step
 
 
+def behaviour_sac_step(module, a: Args, device):
+    """make_dataset.py's behaviour agent: its SAC update (critic, actor and entropy, soft update) on its own buffer."""
+    hidden_dims = [a.hidden, a.hidden]
+    actor = module.TanhGaussianActor(a.obs_dim, a.act_dim, hidden_dims).to(device)
+    critic = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).to(device)
+    critic_target = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).to(device).requires_grad_(False)
+    log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
+    adam = lambda params: torch.optim.Adam(params, lr=3e-4, fused=True)  # noqa: E731, as the script makes them
+    critic_optimizer, actor_optimizer, alpha_optimizer = adam(critic.parameters()), adam(actor.parameters()), adam(
+        [log_alpha])
+    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+    buffer = module.TransitionStore(100_000, a.obs_dim, a.act_dim, device)
+    for tensor in (buffer.observations, buffer.next_observations, buffer.actions, buffer.rewards):
+        tensor.normal_()
+    buffer.size = 100_000
+
+    def step():
+        batch = buffer.sample(a.batch_size)
+        module.update_critic(batch, actor, critic, critic_target, log_alpha, critic_optimizer, 0.99)
+        module.update_actor(batch[0], actor, critic, log_alpha, actor_optimizer, alpha_optimizer, -float(a.act_dim))
+        module.soft_update(target_params, online_params, 0.005)
+
+    return step
+
+
 def pretrain_step(module, a: Args, device, algo: str):
     """One offline step of pretrain_offline.py: the algorithm's update and the C-VAE step, as its loop runs them.
     `module` may also be an older pretrain_offline.py (without build_learner), to compare before and after."""
@@ -368,6 +396,8 @@ def measure(a: Args, device: torch.device):
         module = load_script(name)
         for flags, overrides in variants.items():
             candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
+        if name == "samg_sac":  # the behaviour agent does SAC's update with no guidance: the same work as none
+            candidates["make_dataset.py behaviour SAC"] = behaviour_sac_step(load_script("make_dataset"), a, device)
         if name == "samg_sac" and a.breakdown:  # where cvae mode's extra time goes
             for flags, overrides in BREAKDOWN.items():
                 candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
@@ -431,6 +461,11 @@ def loop_commands(a: Args, work: str, env: dict):
                 str(10 * a.loop_steps), "--eval-episodes", "1", "--run-dir", os.path.join(work, "runs"), "--no-cuda"]
         commands[f"{script}.py (default: cvae, adaptive)"] = base
         commands[f"{script}.py --coef-mode none"] = [*base, "--coef-mode", "none"]
+        if a.loop_baseline:
+            baseline_root = os.path.abspath(os.path.expanduser(a.loop_baseline))
+            old = [base[0], os.path.join(baseline_root, f"{script}.py"), *base[2:]]
+            commands[f"{script}.py (default) (baseline)"] = old
+            commands[f"{script}.py --coef-mode none (baseline)"] = [*old, "--coef-mode", "none"]
     if a.cleanrl:
         commands["CleanRL sac_continuous_action.py"] = [
             python, os.path.abspath(os.path.expanduser(a.cleanrl)), "--env-id", "Hopper-v5", "--total-timesteps",
@@ -442,6 +477,10 @@ def loop_commands(a: Args, work: str, env: dict):
 def measure_loops(a: Args):
     if a.loop_warmup >= a.loop_steps:
         sys.exit(f"--loop-warmup is {a.loop_warmup} but must be below --loop-steps {a.loop_steps}")
+    if a.loop_baseline and not all(os.path.isfile(os.path.join(os.path.expanduser(a.loop_baseline), f"{script}.py"))
+                                   for script in a.loop_scripts):
+        sys.exit(f"--loop-baseline {a.loop_baseline} lacks one of {', '.join(a.loop_scripts)}; give a checkout of "
+                 "this project")
     if a.cleanrl and not os.path.isfile(os.path.expanduser(a.cleanrl)):
         sys.exit(f"--cleanrl {a.cleanrl} is not a file; give the path of CleanRL's sac_continuous_action.py")
     with tempfile.TemporaryDirectory(prefix="samg-speed-") as work:
