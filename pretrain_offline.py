@@ -343,10 +343,13 @@ class TanhGaussianActor(nn.Module):
         self.mean = nn.Linear(hidden_dims[-1], act_dim)
         self.log_std = nn.Linear(hidden_dims[-1], act_dim)
 
-    def forward(self, obs: torch.Tensor):
-        """Returns a reparameterised sample, its log-probability and the deterministic action tanh(mean)."""
+    def forward(self, obs: torch.Tensor, samples_per_state: int = 1):
+        """Returns a reparameterised sample, its log-probability and the deterministic action tanh(mean); with
+        samples_per_state n, n samples per state in a row (s1 n times, then s2, ...) from one network pass each."""
         hidden = self.trunk(obs)
         mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
+        if samples_per_state > 1:
+            mean, log_std = (x.repeat_interleave(samples_per_state, 0) for x in (mean, log_std))
         noise = torch.randn_like(mean)
         pre_tanh = mean + log_std.exp() * noise
         action = torch.tanh(pre_tanh)
@@ -830,9 +833,9 @@ def load_dataset(dataset_id: str) -> dict:
 
 
 # --- the offline algorithms: one update function each, on a batch of tensors ---
-# Written for speed without changing what is computed: one critic call per loss, one actor call for every sample the
-# update needs, actor losses through detached critic weights (no wasted backward into the critics), fused Adam,
-# targets moved with one fused lerp, and no host sync (.item()) inside an update.
+# Written for speed without changing what is computed: one critic call per loss, one actor pass per state for all
+# the samples the update needs, actor losses through detached critic weights (no wasted backward into the critics),
+# fused Adam, targets moved with one fused lerp, and no host sync (.item()) inside an update.
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
@@ -844,16 +847,16 @@ def cql_update(step, batch, nets, opts, args):
     actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
     batch_size, act_dim, n = obs.shape[0], actions.shape[1], args.cql_n_actions
     with torch.no_grad():
-        # one actor call: a' ~ pi(s') for the backup, and n samples of pi at s and at s' for the logsumexp
-        repeated_obs, repeated_next_obs = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
-        sampled, sampled_log_prob, _ = actor(torch.cat([next_obs, repeated_obs, repeated_next_obs]))
-        next_actions, policy_actions = sampled[:batch_size], sampled[batch_size:]
+        next_actions = actor(next_obs)[0]  # a' ~ pi(s') for the backup
+        # n samples of pi at s and at s' for the logsumexp, from one pass of the actor per state
+        policy_actions, policy_log_prob, _ = actor(torch.cat([obs, next_obs]), samples_per_state=n)
+        repeated_obs = obs.repeat_interleave(n, 0)
         target_q = critic_target(next_obs, next_actions).min(0).values  # no entropy term in the offline backup
         td_target = rewards + args.gamma * (1.0 - dones) * target_q
         random_actions = torch.empty_like(policy_actions[: batch_size * n]).uniform_(-1.0, 1.0)
         # importance weights: uniform density on [-1, 1]^A, and the policy's own density for its samples
         log_density = torch.cat([torch.full((batch_size * n,), -act_dim * math.log(2.0), device=obs.device),
-                                 sampled_log_prob[batch_size:]]).view(3, batch_size, n)
+                                 policy_log_prob]).view(3, batch_size, n)
     # one critic call: the data actions and the 3 n sampled actions of every state
     q_all = critic(torch.cat([obs, repeated_obs.repeat(3, 1)]), torch.cat([actions, random_actions, policy_actions]))
     q_data, sampled_q = q_all[:, :batch_size], q_all[:, batch_size:]

@@ -300,10 +300,13 @@ class TanhGaussianActor(nn.Module):
         self.mean = nn.Linear(hidden_dims[-1], act_dim)
         self.log_std = nn.Linear(hidden_dims[-1], act_dim)
 
-    def forward(self, obs: torch.Tensor):
-        """Returns a reparameterised sample, its log-probability and the deterministic action tanh(mean)."""
+    def forward(self, obs: torch.Tensor, samples_per_state: int = 1):
+        """Returns a reparameterised sample, its log-probability and the deterministic action tanh(mean); with
+        samples_per_state n, n samples per state in a row (s1 n times, then s2, ...) from one network pass each."""
         hidden = self.trunk(obs)
         mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
+        if samples_per_state > 1:
+            mean, log_std = (x.repeat_interleave(samples_per_state, 0) for x in (mean, log_std))
         noise = torch.randn_like(mean)
         pre_tanh = mean + log_std.exp() * noise
         action = torch.tanh(pre_tanh)
