@@ -43,7 +43,7 @@ SCORE_TAG = "eval/normalized_score"
 # the scalars a CSV export keeps (those a run logged), in column order
 EXPORT_TAGS = (
     "eval/normalized_score", "eval/return", "eval/success", "charts/episodic_return", "losses/qf_loss",
-    "losses/qf_values", "losses/actor_loss", "losses/alpha", "samg/p_mean", "samg/p_active_frac",
+    "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/value_loss", "samg/p_mean", "samg/p_active_frac",
     "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "samg/intrinsic", "samg/cvae_loss",
 )
 METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-refresh-only",
