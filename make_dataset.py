@@ -321,12 +321,6 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
-
-
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -571,12 +565,6 @@ def update_critic(batch, actor, critic, critic_target, log_alpha, critic_optimiz
     return qf_losses.detach().mean()
 
 
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
-
-
 @torch.no_grad()
 def soft_update(target_params: list, online_params: list, tau: float):
     torch._foreach_lerp_(target_params, online_params, tau)
@@ -586,9 +574,9 @@ def update_actor(obs, actor, critic, log_alpha, actor_optimizer, alpha_optimizer
     """Reparameterised actor step on the min over critics, then one step of automatic entropy tuning."""
     actions, log_prob, _ = actor(obs)
     alpha = log_alpha.exp().detach()
-    actor_loss = (alpha * log_prob - without_weight_grads(critic, obs, actions).min(0).values).mean()
+    actor_loss = (alpha * log_prob - critic(obs, actions).min(0).values).mean()
     actor_optimizer.zero_grad(set_to_none=True)
-    actor_loss.backward()
+    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
     actor_optimizer.step()
     alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
     alpha_optimizer.zero_grad(set_to_none=True)

@@ -324,12 +324,6 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
-
-
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -834,8 +828,8 @@ def load_dataset(dataset_id: str) -> dict:
 
 # --- the offline algorithms: one update function each, on a batch of tensors ---
 # Written for speed without changing what is computed: one critic call per loss, one actor pass per state for all
-# the samples the update needs, actor losses through detached critic weights (no wasted backward into the critics),
-# fused Adam, targets moved with one fused lerp, and no host sync (.item()) inside an update.
+# the samples the update needs, actor losses whose backward stops at the actor (no wasted gradient for the critics'
+# weights), fused Adam, targets moved with one fused lerp, and no host sync (.item()) inside an update.
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
@@ -870,9 +864,9 @@ def cql_update(step, batch, nets, opts, args):
 
     new_actions, log_prob, _ = actor(obs)
     alpha = log_alpha.exp().detach()
-    actor_loss = (alpha * log_prob - without_weight_grads(critic, obs, new_actions).min(0).values).mean()
+    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
     opts["actor"].zero_grad()
-    actor_loss.backward()
+    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
     opts["actor"].step()
     alpha_loss = -(log_alpha * (log_prob.detach() + nets["target_entropy"])).mean()
     opts["alpha"].zero_grad()
@@ -902,11 +896,11 @@ def td3bc_update(step, batch, nets, opts, args):
     metrics = {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/qf_values": q_data.detach().mean()}
     if step % args.policy_freq == 0:
         policy_actions = actor(obs)
-        q_policy = without_weight_grads(critic, obs, policy_actions)[0]
+        q_policy = critic(obs, policy_actions)[0]
         lmbda = args.td3bc_alpha / q_policy.abs().mean().detach()
         actor_loss = -lmbda * q_policy.mean() + F.mse_loss(policy_actions, actions)
         opts["actor"].zero_grad()
-        actor_loss.backward()
+        actor_loss.backward(inputs=list(actor.parameters()))  # no gradient into the critic's weights
         opts["actor"].step()
         soft_update(nets["actor_target"], actor, args.tau)
         soft_update(nets["critic_target"], critic, args.tau)

@@ -289,12 +289,6 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
-
-
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 

@@ -287,12 +287,6 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
-
-
-def without_weight_grads(critic: CriticEnsemble, obs, actions):
-    """Q(s, a) through detached critic weights: the actor loss needs dQ/da only, not the critic's gradients."""
-    weights = {name: weight.detach() for name, weight in critic.named_parameters()}
-    return torch.func.functional_call(critic, weights, (obs, actions))
 # --- end shared ---
 
 
@@ -933,9 +927,9 @@ def update_critic(batch, actor_target, critic, critic_target, q_offline, guidanc
 
 def update_actor(obs, actor, critic, actor_optimizer):
     """TD3's actor loss on the first critic; online there is no behaviour-cloning term."""
-    actor_loss = -without_weight_grads(critic, obs, actor(obs))[0].mean()
+    actor_loss = -critic(obs, actor(obs))[0].mean()
     actor_optimizer.zero_grad()
-    actor_loss.backward()
+    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
     actor_optimizer.step()
     return actor_loss.detach().reshape(1)
 

@@ -416,7 +416,7 @@ def test_bad_input_fails_before_any_work_with_one_sentence_and_leaves_the_store_
 
 
 def test_the_fast_sac_update_computes_what_a_plain_sac_update_computes():
-    """Batched critics, fused Adam, detached critic weights in the actor loss and a fused soft update are faster
+    """Batched critics, fused Adam, an actor loss whose backward stops at the actor and a fused soft update are faster
     ways to compute the same step as textbook SAC (Adam, autograd through everything, a loop of lerps)."""
     make_dataset = load_make_dataset()
     torch.manual_seed(0)

@@ -395,9 +395,9 @@ class PlainCritic(torch.nn.Module):
 
 
 def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided_target_computes(sac):
-    """Batched critics with in-place ReLUs and a matrix-vector last layer, fused Adam, the actor loss through
-    detached critic weights and a fused soft update: the same numbers as separate critics, plain autograd and a loop
-    of lerps, over three updates with guidance (p from the same C-VAE at the same pairs)."""
+    """Batched critics with in-place ReLUs and a matrix-vector last layer, fused Adam, an actor loss whose backward
+    stops at the actor and a fused soft update: the same numbers as separate critics, plain autograd and a loop of
+    lerps, over three updates with guidance (p from the same C-VAE at the same pairs)."""
     import copy
 
     data = batch(size=64, seed=3)
@@ -441,7 +441,8 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
                 plain_optimizer.step()
                 qf_loss = sum(losses).detach() / 2
                 new_actions, log_prob, _ = a(obs)
-                actor_loss = (log_alpha.exp().detach() * log_prob - torch.min(*[q(obs, new_actions) for q in plain])).mean()
+                q_new = torch.min(*[q(obs, new_actions) for q in plain])
+                actor_loss = (log_alpha.exp().detach() * log_prob - q_new).mean()
                 optimizers[0].zero_grad()
                 actor_loss.backward()
                 optimizers[0].step()
