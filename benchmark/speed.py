@@ -311,9 +311,9 @@ def behaviour_sac_step(module, a: Args, device):
     critic = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).to(device)
     critic_target = module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).to(device).requires_grad_(False)
     log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
-    adam = lambda params: torch.optim.Adam(params, lr=3e-4, fused=True)  # noqa: E731, as the script makes them
-    critic_optimizer, actor_optimizer, alpha_optimizer = adam(critic.parameters()), adam(actor.parameters()), adam(
-        [log_alpha])
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4, fused=True)  # as the script makes them
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=3e-4, fused=True)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=3e-4, fused=True)
     target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
     buffer = module.TransitionStore(100_000, a.obs_dim, a.act_dim, device)
     for tensor in (buffer.observations, buffer.next_observations, buffer.actions, buffer.rewards):
@@ -398,8 +398,7 @@ def measure(a: Args, device: torch.device):
             candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
         if name == "samg_sac":  # the behaviour agent does SAC's update with no guidance: the same work as none
             candidates["make_dataset.py behaviour SAC"] = behaviour_sac_step(load_script("make_dataset"), a, device)
-        if name == "samg_sac" and a.breakdown:  # where cvae mode's extra time goes
-            for flags, overrides in BREAKDOWN.items():
+            for flags, overrides in BREAKDOWN.items() if a.breakdown else ():  # where cvae mode's extra time goes
                 candidates[f"{name}.py {flags}"] = make_step(module, a, device, overrides)
     if a.pretrain:
         versions = {"pretrain_offline.py": load_script("pretrain_offline")}
