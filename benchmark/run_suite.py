@@ -16,7 +16,8 @@ one checkpoint per (dataset, algo) serves every online seed: what is compared is
 
 Presets: `quick` (Pendulum, local data, measured on 2 CPU cores), `paper` (the D4RL locomotion names at the
 published budgets, for a cluster) and `locomotion-cpu` (Hopper, HalfCheetah and Walker2d from locally made medium
-and medium-replay data, reduced budgets; its cost is not measured yet). PRESETS says what each runs.
+and medium-replay data, budgets reduced to about 2.5 h per environment on 2 cores, measured on Hopper). PRESETS
+says what each runs.
 
 Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a `local/...`
 dataset is done when its Minari directory exists, a prepared dataset when `{runs_dir}/datasets/{dataset}.done`
@@ -145,22 +146,25 @@ PRESETS: Dict[str, Preset] = {
         offline_steps=1_000_000, online_steps=250_000,
     ),
     # Hopper-v5, HalfCheetah-v5 and Walker2d-v5 from medium-replay and medium data made here by make_dataset.py
-    # (SAC behaviour agent 256x256 for at most 150k steps, 200k transitions per medium set), 256x256 networks
-    # pretrained for 100k steps, one checkpoint per (dataset, algo), 100k online steps, 5 online seeds: SAMG against
-    # plain fine-tuning with and without the offline data and against its even / random ablations. 3 dataset runs,
-    # 24 pretraining runs, 600 online runs. Its cost is NOT measured yet: these budgets are reduced guesses, made
-    # for CPU job arrays rather than for one machine. The dip window (the first 10%, 10k steps) holds 5k updates
-    # and 4 evaluations; Q_off is refreshed every 20k steps, 5 times per run, as the default 50k does in 250k.
+    # (SAC behaviour agent 256x256 for at most 150k steps, 200k transitions per medium set). Budgets chosen by
+    # measurement on Hopper (benchmark/results/locomotion-cpu/stages.md) so that one environment takes about 2.5 h
+    # with --workers 2 on 2 cores: 256x256 networks (what the behaviour agent needs) pretrained for 30k steps (the
+    # offline policies then score well above random), one checkpoint per (dataset, algo) serving 5 online seeds,
+    # 12k online steps of which the first 2k are warm-up (10k updates), evaluations every 1k steps, Q_off refreshed
+    # every 2400 steps (5 times per run, as the default 50k does in 250k). Per environment: 1 dataset run (16 min),
+    # 6 pretraining runs (5-6 min each), 90 online runs (1.5-4 min each). Left out by cost, added with --algos and
+    # --methods: cql (30k pretraining steps take about an hour per dataset at 8 updates/s) and the even / random
+    # ablations.
     "locomotion-cpu": Preset(
         env_ids=tuple(f"local/{env}/{quality}-v0" for env in ("hopper", "halfcheetah", "walker2d")
                       for quality in ("medium-replay", "medium")),
-        algos=("cql", "td3bc", "awac", "iql"), methods=("none", "samg", "even", "random", "offline-0.5"),
+        algos=("td3bc", "awac", "iql"), methods=("none", "samg", "offline-0.5"),
         seeds=(1, 2, 3, 4, 5), pretrain_seeds=1,
         dataset_args=("--total-timesteps", "150000", "--transitions", "200000", "--hidden-dims", "256", "256",
                       "--eval-episodes", "5"),
-        pretrain_args=("--hidden-dims", "256", "256"), offline_steps=100_000, cvae_steps=50_000,
-        online_steps=100_000, learning_starts=5_000, online_eval_freq=2_500, eval_episodes=5,
-        online_args=("--qoff-refresh-every", "20000"),
+        pretrain_args=("--hidden-dims", "256", "256"), offline_steps=30_000, cvae_steps=10_000,
+        offline_eval_freq=10_000, online_steps=12_000, learning_starts=2_000, online_eval_freq=1_000,
+        eval_episodes=5, online_args=("--qoff-refresh-every", "2400"),
     ),
 }
 
