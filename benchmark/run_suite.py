@@ -152,9 +152,9 @@ PRESETS: Dict[str, Preset] = {
     # offline policies then score well above random), one checkpoint per (dataset, algo) serving 5 online seeds,
     # 12k online steps of which the first 2k are warm-up (10k updates), evaluations every 1k steps, Q_off refreshed
     # every 2400 steps (5 times per run, as the default 50k does in 250k). Per environment: 1 dataset run (16 min),
-    # 6 pretraining runs (5-6 min each), 90 online runs (1.5-4 min each). Left out by cost, added with --algos and
-    # --methods: cql (30k pretraining steps take about an hour per dataset at 8 updates/s) and the even / random
-    # ablations.
+    # 6 pretraining runs (5-6 min each), 90 online runs (2-4 min each, 2 h in all). Left out by cost, added with
+    # --algos and --methods: cql (30k pretraining steps take about an hour per dataset at 8 updates/s) and the
+    # even / random ablations.
     "locomotion-cpu": Preset(
         env_ids=tuple(f"local/{env}/{quality}-v0" for env in ("hopper", "halfcheetah", "walker2d")
                       for quality in ("medium-replay", "medium")),
