@@ -3,6 +3,8 @@
     python benchmark/report.py --runs-dir runs/quick                      # writes runs/quick/report/
     python benchmark/report.py --runs-dir runs/quick --export-csv         # ... and runs/quick/report/scalars/
     python benchmark/report.py --from-csv runs/quick/report/scalars --out-dir /tmp/rebuilt   # no logs needed
+    python benchmark/report.py --runs-dir runs/locomotion-cpu --env-ids local/hopper/medium-v0 \
+        local/hopper/medium-replay-v0                                     # one environment's runs only
 
 Every online run that benchmark/run_suite.py starts has its own directory holding the TensorBoard events (in the
 subdirectory the script names), a `suite.json` that says what the run is (env id, algo, method, flags, seed,
@@ -21,7 +23,8 @@ method); a task is one (env id, algo). The report (in `--out-dir`, by default `{
   is the mean over seeds with a 95% percentile bootstrap band, at the steps every seed logged.
 - with `--export-csv`, `scalars/{run id}.csv` (a `step` column and one column per logged scalar of EXPORT_TAGS,
   empty where the scalar was not logged at that step) and `scalars/{run id}.json` (the run's suite.json), from
-  which `--from-csv` rebuilds the same report without the TensorBoard logs.
+  which `--from-csv` rebuilds the same report without the TensorBoard logs. Several `--from-csv` folders (say one
+  per environment) make one report over all their runs; `--env-ids` keeps the runs of the env ids given.
 
 The bootstrap is seeded (`--seed`), so the same runs give the same report. All scores are D4RL-normalized
 (`eval/normalized_score`, x100).
@@ -60,8 +63,11 @@ class Args:
     """searched recursively for run directories with a `suite.json`"""
     out_dir: Optional[str] = None
     """where results.md, the PNG figures and the CSV export go (default: {runs_dir}/report)"""
-    from_csv: Optional[str] = None
-    """build the report from a folder written by --export-csv instead of the TensorBoard logs under --runs-dir"""
+    from_csv: Optional[List[str]] = None
+    """build the report from folders written by --export-csv (one or several, e.g. one per environment) instead
+    of the TensorBoard logs under --runs-dir"""
+    env_ids: Optional[List[str]] = None
+    """report only the runs of these env ids, e.g. one environment's datasets (default: every run found)"""
     export_csv: bool = False
     """also write each run's scalars and suite.json into {out_dir}/scalars/"""
     final_evals: int = 1
@@ -141,10 +147,10 @@ def export_csv(run: dict, directory: Path):
     write_staged(directory / f"{run['id']}.json", (json.dumps(run["meta"], indent=1) + "\n").encode())
 
 
-def runs_from_csv(directory: str) -> List[dict]:
-    """The runs of a --export-csv folder: each `{id}.csv` with its `{id}.json`."""
+def runs_from_csv(directories: List[str]) -> List[dict]:
+    """The runs of --export-csv folders: each `{id}.csv` with its `{id}.json`."""
     runs = []
-    for csv_path in sorted(Path(directory).glob("*.csv")):
+    for csv_path in sorted(path for directory in directories for path in Path(directory).glob("*.csv")):
         meta_path = csv_path.with_suffix(".json")
         if not meta_path.exists():
             fail(f"{csv_path} has no {meta_path.name} beside it; export again with --export-csv")
@@ -156,6 +162,10 @@ def runs_from_csv(directory: str) -> List[dict]:
             pairs = [(int(row[0]), float(row[column])) for row in rows if row[column] != ""]
             scalars[tag] = (np.array([s for s, _ in pairs], dtype=np.int64), np.array([v for _, v in pairs]))
         runs.append({"id": csv_path.stem, "meta": json.loads(meta_path.read_text()), "scalars": scalars})
+    ids = [run["id"] for run in runs]
+    if len(set(ids)) < len(ids):
+        twice = sorted({run_id for run_id in ids if ids.count(run_id) > 1})
+        fail(f"run {twice[0]} is in more than one --from-csv folder; give each exported run once")
     return runs
 
 
@@ -394,8 +404,9 @@ def check_args(args: Args) -> Path:
     except Exception as error:  # its bootstrap package, arch 7, fails with a TypeError under pandas 3
         fail(f"the cross-task statistics need rliable, which does not import ({type(error).__name__}: {error}); "
              "pip install -r requirements.txt (it needs pandas < 3)")
-    if args.from_csv is not None and not Path(args.from_csv).is_dir():
-        fail(f"--from-csv {args.from_csv} is not a directory; give the scalars/ folder that --export-csv wrote")
+    for directory in args.from_csv or []:
+        if not Path(directory).is_dir():
+            fail(f"--from-csv {directory} is not a directory; give the scalars/ folder that --export-csv wrote")
     out_dir = Path(args.out_dir if args.out_dir is not None else os.path.join(args.runs_dir, "report"))
     for place in (out_dir, out_dir / "scalars") if args.export_csv else (out_dir,):
         try:
@@ -409,13 +420,19 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
     """Reads every run, writes results.md, the figures (and the CSV export) into the output directory; returns
     the markdown after its header (the part that depends only on the runs) and the PNG paths."""
     out_dir = check_args(args)
-    if args.from_csv is not None:
-        runs, source = runs_from_csv(args.from_csv), f"the CSV export in `{args.from_csv}`"
+    if args.from_csv:
+        runs = runs_from_csv(args.from_csv)
+        source = "the CSV export in " + ", ".join(f"`{directory}`" for directory in args.from_csv)
     else:
         runs, source = runs_from_logs(args.runs_dir, args.include_unfinished), f"the logs under `{args.runs_dir}`"
     if not runs:
-        fail(f"no finished runs in {args.from_csv or args.runs_dir} (a `suite.json` next to a `DONE` file, or CSVs "
-             "from --export-csv); run benchmark/run_suite.py first, or pass --include-unfinished")
+        fail(f"no finished runs in {' '.join(args.from_csv or [args.runs_dir])} (a `suite.json` next to a `DONE` "
+             "file, or CSVs from --export-csv); run benchmark/run_suite.py first, or pass --include-unfinished")
+    if args.env_ids:
+        found = sorted({run["meta"]["env_id"] for run in runs})
+        runs = [run for run in runs if run["meta"]["env_id"] in args.env_ids]
+        if not runs:
+            fail(f"no run of --env-ids {' '.join(args.env_ids)}; the runs found are of {', '.join(found)}")
     per_run, used = [], []
     for run in runs:
         if SCORE_TAG not in run["scalars"]:

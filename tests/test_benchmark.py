@@ -514,11 +514,36 @@ def test_csv_export_rebuilds_the_same_report_without_the_logs(synthetic_runs, tm
     assert lines[1] == "0,50.0,,0.5,0.25,-10.0,-10.0" and lines[2].startswith("50,45.0,,,")
     assert json.loads((scalars / "samg1.json").read_text())["method"] == "samg"
     rebuilt, rebuilt_pngs = report.build_report(report.Args(runs_dir=str(tmp_path / "elsewhere"),
-                                                            from_csv=str(scalars),
+                                                            from_csv=[str(scalars)],
                                                             out_dir=str(tmp_path / "rebuilt"), reps=200))
     assert rebuilt == body
     assert [p.read_bytes() for p in rebuilt_pngs] == [p.read_bytes() for p in pngs]
     assert (tmp_path / "rebuilt" / "results.md").read_text().endswith(body)
+
+
+def test_several_csv_folders_make_one_report_and_env_ids_keep_only_their_runs(synthetic_runs, tmp_path):
+    report.build_report(report.Args(runs_dir=str(synthetic_runs), out_dir=str(tmp_path / "pendulum"),
+                                    export_csv=True, reps=50))
+    other = tmp_path / "hopper"  # the same runs under another env id and run ids, as a second environment's export
+    other.mkdir()
+    for meta_path in (tmp_path / "pendulum" / "scalars").glob("*.json"):
+        meta = {**json.loads(meta_path.read_text()), "env_id": "local/hopper/medium-v0"}
+        (other / f"hopper-{meta_path.stem}.json").write_text(json.dumps(meta))
+        (other / f"hopper-{meta_path.stem}.csv").write_text(meta_path.with_suffix(".csv").read_text())
+    folders = [str(tmp_path / "pendulum" / "scalars"), str(other)]
+    both, _ = report.build_report(report.Args(from_csv=folders, out_dir=str(tmp_path / "both"), reps=50))
+    assert "| local/pendulum/medium-v0 | cql | samg | 3 |" in both
+    assert "| local/hopper/medium-v0 | cql | samg | 3 |" in both
+    assert "over 2 task(s)" in both
+    hopper, _ = report.build_report(report.Args(from_csv=folders, env_ids=["local/hopper/medium-v0"],
+                                                out_dir=str(tmp_path / "one"), reps=50))
+    assert "| local/hopper/medium-v0 | cql | samg | 3 |" in hopper and "pendulum" not in hopper
+    with pytest.raises(SystemExit, match="no run of --env-ids local/walker2d/medium-v0; the runs found are of "
+                                         "local/hopper/medium-v0, local/pendulum/medium-v0"):
+        report.build_report(report.Args(from_csv=folders, env_ids=["local/walker2d/medium-v0"],
+                                        out_dir=str(tmp_path / "none"), reps=50))
+    with pytest.raises(SystemExit, match="in more than one --from-csv folder"):
+        report.build_report(report.Args(from_csv=[str(other), str(other)], out_dir=str(tmp_path / "twice")))
 
 
 def test_gap_curve_is_qoff_minus_qbar_at_the_steps_both_were_logged():
