@@ -80,6 +80,8 @@ class Args:
     """seed of the bootstrap"""
     include_unfinished: bool = False
     """also use runs without a `DONE` file (still running or failed)"""
+    plots: bool = True
+    """draw the per-task figures (--no-plots for a table across environments whose own reports have them)"""
 
 
 def fail(message: str):
@@ -462,7 +464,7 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
         "the runs' suite.json), the intervals are over online seeds from one start.\n\n"
     )
     write_staged(out_dir / "results.md", (header + body).encode())
-    return body, plot_tasks(used, out_dir, args.reps, args.seed)
+    return body, plot_tasks(used, out_dir, args.reps, args.seed) if args.plots else []
 
 
 if __name__ == "__main__":

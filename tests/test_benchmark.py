@@ -531,7 +531,9 @@ def test_several_csv_folders_make_one_report_and_env_ids_keep_only_their_runs(sy
         (other / f"hopper-{meta_path.stem}.json").write_text(json.dumps(meta))
         (other / f"hopper-{meta_path.stem}.csv").write_text(meta_path.with_suffix(".csv").read_text())
     folders = [str(tmp_path / "pendulum" / "scalars"), str(other)]
-    both, _ = report.build_report(report.Args(from_csv=folders, out_dir=str(tmp_path / "both"), reps=50))
+    both, pngs = report.build_report(report.Args(from_csv=folders, out_dir=str(tmp_path / "both"), reps=50,
+                                                 plots=False))
+    assert pngs == [] and sorted(p.name for p in (tmp_path / "both").iterdir()) == ["results.md"]
     assert "| local/pendulum/medium-v0 | cql | samg | 3 |" in both
     assert "| local/hopper/medium-v0 | cql | samg | 3 |" in both
     assert "over 2 task(s)" in both
