@@ -151,8 +151,9 @@ PRESETS: Dict[str, Preset] = {
     # with --workers 2 on 2 cores: 256x256 networks (what the behaviour agent needs) pretrained for 30k steps (the
     # offline policies then score well above random), one checkpoint per (dataset, algo) serving 5 online seeds,
     # 12k online steps of which the first 2k are warm-up (10k updates), evaluations every 1k steps, Q_off refreshed
-    # every 2400 steps (5 times per run, as the default 50k does in 250k). Per environment: 1 dataset run (16 min),
-    # 6 pretraining runs (5-6 min each), 90 online runs (2-4 min each, 2 h in all). Left out by cost, added with
+    # every 2400 steps (5 times per run, as the default 50k does in 250k). Per environment: 1 dataset run (15-16 min;
+    # 33 min on Walker2d, whose agent never reached the medium return), 6 pretraining runs (5-7 min each), 90 online
+    # runs (2-4 min each, 1 h 56 min - 2 h 08 min in all). Left out by cost, added with
     # --algos and --methods: cql (30k pretraining steps take about an hour per dataset at 8 updates/s) and the
     # even / random ablations.
     "locomotion-cpu": Preset(
