@@ -540,8 +540,26 @@ class Guidance:
         self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
                                                self.recent_td_error.lerp(mean, 0.01)))
 
+    @torch.no_grad()
+    def separation(self, obs: torch.Tensor) -> torch.Tensor:
+        """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
+        reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
+        better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
+        if self.reservoir is None:
+            return torch.full((), math.nan)
+        def p_vae(o, a):
+            if self.args.p_estimator == "latent":
+                return p_latent(self.cvae, o, a)
+            return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
+
+        familiar = p_vae(*self.reservoir)
+        novel = p_vae(obs, torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device) * 2.0 - 1.0)
+        above = (familiar[:, None] > novel[None, :]).float().mean()
+        return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
+
     def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
-        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded."""
+        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded.
+        `next_actions` are the actions at s' that p is taken at (see samg_target)."""
         obs, actions, _, next_obs, _ = batch
         args = self.args
 
@@ -567,13 +585,25 @@ def guided_target(reward, done, gamma: float, next_value_target, next_value_offl
     return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
 
 
+def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
+    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
+    samg/p_auroc (Guidance.separation at the batch's states)."""
+    writer.add_histogram("samg/p", p, step)
+    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
+    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
+        writer.add_scalar(name, value, step)
+    if guidance.args.coef_mode == "cvae":
+        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
+
+
 SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
                 "samg/qoff_above_frac")
 
 
 def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
-                guidance: Guidance, gamma: float, diagnose: bool):
+                guidance: Guidance, gamma: float, diagnose: bool, p_actions: Optional[torch.Tensor] = None):
     """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
+    p at the next pair is taken at `p_actions` when given (TD3's --p-next-action deterministic), else at a'.
     Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
     asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
     _, _, rewards, next_obs, dones = batch
@@ -582,7 +612,7 @@ def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_off
         p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
         return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
     next_value_offline = q_offline(next_obs, next_actions).min(0).values
-    p = guidance.p(batch, next_actions, next_value_target, next_value_offline)
+    p = guidance.p(batch, next_actions if p_actions is None else p_actions, next_value_target, next_value_offline)
     target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
     intrinsic = gamma * p * (next_value_offline - next_value_target)
     metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
@@ -1029,7 +1059,7 @@ if __name__ == "__main__":
                     soft_update(target_params, online_params, args.tau)
                     num_updates += 1
                 if log_step and args.coef_mode != "none":
-                    writer.add_histogram("samg/p", p, global_step)
+                    log_p(writer, guidance, p, batch[0], global_step)
             if refresh_q_offline and global_step % args.qoff_refresh_every == 0:
                 q_offline.load_state_dict(critic.state_dict())
 

@@ -12,13 +12,20 @@ checkpoint seed, online steps) and, once the run exited cleanly, a `DONE` file. 
 method); a task is one (env id, algo). The report (in `--out-dir`, by default `{runs_dir}/report`) holds:
 
 - `results.md`: per cell, the offline score (the evaluation at online step 0), the final online score (the mean
-  of the last `--final-evals` evaluations of a run) and the fine-tuning dip (the lowest evaluation after step 0
-  within the first `--dip-fraction` of the online steps), each as the mean over seeds with a 95% percentile
-  bootstrap interval (seeds resampled with replacement). Across tasks, with rliable: the interquartile mean (IQM)
-  of the final scores per method with stratified bootstrap 95% intervals, and the probability of improvement of
-  every SAMG method (name `samg...`) over each baseline (none, offline-0.5, even, random), with its interval.
-  Only methods that have runs in every task enter these; the report names the ones left out.
-- `curves_{env}__{algo}.png`: per task a 2x2 figure, one line per method: the normalized score, and the SAMG
+  of the last `--final-evals` evaluations of a run), the fine-tuning dip (the lowest evaluation after step 0
+  within the first `--dip-fraction` of the online steps) and the mean of every evaluation after the run's
+  warm-up (`learning_starts` in suite.json), each with a 95% percentile bootstrap interval. The unit of evidence
+  is the independent checkpoint: a cell whose runs fine-tuned several checkpoints (`checkpoint_seed`) is the mean
+  over checkpoints of each one's mean over seeds, its interval from resampling the checkpoints and then the seeds
+  within each; a cell with one checkpoint is the mean over its seeds, resampled. With several checkpoints, each
+  arm is also set against none, offline-0.5 and even / even-static in the same cell, paired by checkpoint (the
+  difference's interval from the same nested resampling of both). Across tasks, with rliable: the interquartile
+  mean (IQM) of the final scores per method with stratified bootstrap 95% intervals, and the probability of
+  improvement of every SAMG method (name `samg...`) over each baseline (none, offline-0.5, even, random), with its
+  interval; with several checkpoints everywhere, over checkpoints (each one's mean over its seeds). Only methods
+  that have runs in every task enter these; the report names the ones left out.
+- `curves_{env}__{algo}.png`: per task a 2x2 figure (2x3 where runs logged samg/p_q50 and samg/p_auroc), one line
+  per method: the normalized score, and the SAMG
   diagnostics samg/p_mean, samg/p_active_frac and Q_off - Qbar (samg/qoff_values - samg/qbar_values); each line
   is the mean over seeds with a 95% percentile bootstrap band, at the steps every seed logged.
 - with `--export-csv`, `scalars/{run id}.csv` (a `step` column and one column per logged scalar of EXPORT_TAGS,
@@ -48,11 +55,16 @@ EXPORT_TAGS = (
     "eval/normalized_score", "eval/return", "eval/success", "charts/episodic_return", "losses/qf_loss",
     "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/value_loss", "samg/p_mean", "samg/p_active_frac",
     "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "samg/intrinsic", "samg/cvae_loss",
+    "samg/p_q10", "samg/p_q50", "samg/p_q90", "samg/p_auroc",
 )
-METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-refresh-only",
+METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-static-sample",
+                "samg-static-deterministic", "samg-refresh-only",
                 "samg-cvae-only", "samg-outgrown", "samg-linear", "even", "even-static", "random", "random-static",
                 "offline-0.5", "none"]
 BASELINES = ("none", "offline-0.5", "even", "even-static", "random", "random-static")
+# what each arm is set against per cell, at the checkpoint level: the two plain baselines, and the constant p under
+# the same setting (does p's conditioning matter?)
+REFERENCES = {"none": "none", "offline-0.5": "offline-0.5", "even": "even", "even-static": "even-static"}
 SAMG_DEFAULTS = ("samg", "samg-next")  # the method the verdict lines speak for: the first one present
 Scalars = Dict[str, Tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values)
 
@@ -173,18 +185,21 @@ def runs_from_csv(directories: List[str]) -> List[dict]:
 
 # --- per run and per cell ---
 def run_scores(steps: np.ndarray, values: np.ndarray, total_steps: int, final_evals: int = 1,
-               dip_fraction: float = 0.1) -> Dict[str, float]:
+               dip_fraction: float = 0.1, warmup: int = 0) -> Dict[str, float]:
     """Offline score (the evaluation at step 0), final score (mean of the last `final_evals` evaluations after
-    step 0) and dip (lowest evaluation in 0 < step <= dip_fraction * total_steps) of one run; NaN where the
-    log has no such evaluation."""
+    step 0), dip (lowest evaluation in 0 < step <= dip_fraction * total_steps) and during (mean of every
+    evaluation after the `warmup` steps: what fine-tuning costs while it runs) of one run; NaN where the log has
+    no such evaluation."""
     steps, values = np.asarray(steps), np.asarray(values, dtype=np.float64)
     offline = values[steps == 0]
     online = values[steps > 0]
     early = values[(steps > 0) & (steps <= dip_fraction * total_steps)]
+    after_warmup = values[steps > max(warmup, 0)]
     return {
         "offline": float(offline[-1]) if offline.size else math.nan,
         "final": float(online[-final_evals:].mean()) if online.size else math.nan,
         "dip": float(early.min()) if early.size else math.nan,
+        "during": float(after_warmup.mean()) if after_warmup.size else math.nan,
     }
 
 
@@ -199,22 +214,110 @@ def bootstrap_mean_ci(values, reps: int, seed: int) -> Tuple[float, float, float
     return float(values.mean()), float(low), float(high)
 
 
+def by_checkpoint(runs: List[dict], key: str) -> Dict[int, np.ndarray]:
+    """The finite values of `key` of the runs, grouped by the checkpoint they fine-tuned (checkpoint_seed)."""
+    groups: Dict[int, list] = {}
+    for run in runs:
+        if math.isfinite(run[key]):
+            groups.setdefault(run.get("checkpoint_seed", 1), []).append(run[key])
+    return {checkpoint: np.asarray(values) for checkpoint, values in sorted(groups.items())}
+
+
+def nested_resamples(arms: List[List[np.ndarray]], reps: int, seed: int) -> np.ndarray:
+    """The checkpoint-level bootstrap. `arms` holds, per arm, one array of seed scores per checkpoint, the same
+    checkpoints in the same order for every arm. Each of `reps` resamples draws the checkpoints with replacement
+    (the same draw for every arm: they fine-tune the same checkpoints), then, within each drawn checkpoint and for
+    each arm in turn, that arm's seeds with replacement; its statistic is the mean over the drawn checkpoints of
+    the mean of the drawn seeds. Returns an (arms, reps) array. Draws: numpy's default_rng(seed), per resample
+    first the checkpoint indices, then the seed indices checkpoint by checkpoint, arm by arm."""
+    rng = np.random.default_rng(seed)
+    count = len(arms[0])
+    out = np.empty((len(arms), reps))
+    for rep in range(reps):
+        picks = rng.integers(0, count, count)
+        sums = np.zeros(len(arms))
+        for checkpoint in picks:
+            for arm, groups in enumerate(arms):
+                seeds = groups[checkpoint]
+                sums[arm] += seeds[rng.integers(0, seeds.size, seeds.size)].mean()
+        out[:, rep] = sums / count
+    return out
+
+
+def checkpoint_mean_ci(groups: Dict[int, np.ndarray], reps: int, seed: int) -> Tuple[float, float, float]:
+    """Mean over checkpoints of each checkpoint's mean over seeds, with the 95% percentile interval of the
+    checkpoint-level bootstrap (nested_resamples); NaNs without values."""
+    if not groups:
+        return math.nan, math.nan, math.nan
+    arrays = list(groups.values())
+    low, high = np.percentile(nested_resamples([arrays], reps, seed)[0], [2.5, 97.5])
+    return float(np.mean([values.mean() for values in arrays])), float(low), float(high)
+
+
+def paired_difference_ci(x: Dict[int, np.ndarray], y: Dict[int, np.ndarray], reps: int,
+                         seed: int) -> Tuple[float, float, float, int]:
+    """X - Y over the checkpoints both fine-tuned: the difference of checkpoint-level means and its 95% percentile
+    interval, both arms resampled with the same checkpoints (nested_resamples); and how many checkpoints."""
+    shared = [checkpoint for checkpoint in x if checkpoint in y]
+    if not shared:
+        return math.nan, math.nan, math.nan, 0
+    xs, ys = [x[c] for c in shared], [y[c] for c in shared]
+    resampled = nested_resamples([xs, ys], reps, seed)
+    low, high = np.percentile(resampled[0] - resampled[1], [2.5, 97.5])
+    point = np.mean([v.mean() for v in xs]) - np.mean([v.mean() for v in ys])
+    return float(point), float(low), float(high), len(shared)
+
+
 def method_rank(method: str) -> Tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+SCORE_KEYS = ("offline", "final", "dip", "during")
+
+
 def cell_rows(per_run: List[dict], reps: int, seed: int) -> List[dict]:
-    """One row per (env id, algo, method): seeds and (mean, low, high) of offline, final and dip."""
+    """One row per (env id, algo, method): seeds, checkpoints and (mean, low, high) of each of SCORE_KEYS. A cell
+    whose runs fine-tuned several checkpoints is estimated at the checkpoint level (checkpoint_mean_ci), one with a
+    single checkpoint over its online seeds (bootstrap_mean_ci)."""
     groups: Dict[Tuple[str, str, str], List[dict]] = {}
     for run in per_run:
         groups.setdefault((run["env_id"], run["algo"], run["method"]), []).append(run)
     rows = []
     for (env_id, algo, method), runs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], method_rank(kv[0][2]))):
-        row = {"env_id": env_id, "algo": algo, "method": method, "seeds": sorted(run["seed"] for run in runs)}
-        for key in ("offline", "final", "dip"):
-            row[key] = bootstrap_mean_ci([run[key] for run in runs], reps, seed)
+        checkpoints = sorted({run.get("checkpoint_seed", 1) for run in runs})
+        row = {"env_id": env_id, "algo": algo, "method": method, "seeds": sorted(run["seed"] for run in runs),
+               "checkpoints": checkpoints}
+        for key in SCORE_KEYS:
+            row[key] = (checkpoint_mean_ci(by_checkpoint(runs, key), reps, seed) if len(checkpoints) > 1
+                        else bootstrap_mean_ci([run[key] for run in runs], reps, seed))
         rows.append(row)
     return rows
+
+
+def comparisons(per_run: List[dict], reps: int, seed: int) -> List[dict]:
+    """Per task, every arm against each of REFERENCES it shares checkpoints with (the SAMG arms and the constant p
+    against none and offline-0.5; the SAMG arms against even / even-static): the paired checkpoint-level
+    difference (paired_difference_ci) of the final score, the dip and the mean after warm-up."""
+    cells: Dict[Tuple[str, str], Dict[str, List[dict]]] = {}
+    for run in per_run:
+        cells.setdefault((run["env_id"], run["algo"]), {}).setdefault(run["method"], []).append(run)
+    out = []
+    for (env_id, algo), methods in sorted(cells.items()):
+        for method in sorted(methods, key=method_rank):
+            if method in ("none", "offline-0.5"):
+                continue
+            for reference in REFERENCES:
+                if reference == method or reference not in methods:
+                    continue
+                if reference.startswith("even") and not method.startswith("samg"):
+                    continue
+                row = {"env_id": env_id, "algo": algo, "method": method, "reference": reference}
+                for key in ("final", "dip", "during"):
+                    *row[key], row["checkpoints"] = paired_difference_ci(
+                        by_checkpoint(methods[method], key), by_checkpoint(methods[reference], key), reps, seed)
+                    row[key] = tuple(row[key])
+                out.append(row)
+    return out
 
 
 # --- across tasks, with rliable ---
@@ -252,12 +355,22 @@ def improvement(scores_x: np.ndarray, scores_y: np.ndarray) -> np.ndarray:
 def aggregate(per_run: List[dict], reps: int, seed: int) -> dict:
     """IQM of the final scores per method and P(SAMG method > baseline), over the tasks (env id, algo).
     Methods without a finite final score in some task are left out (named in `left_out` with the tasks they lack);
-    a method's runs x tasks matrix has as many runs as its task with fewest, keeping the lowest seeds."""
+    a method's runs x tasks matrix has as many runs as its task with fewest, keeping the lowest seeds. Where every
+    (method, task) fine-tuned several checkpoints, the unit is the checkpoint: a run of the matrix is one
+    checkpoint's mean final score over its online seeds (`unit` says which)."""
     finals: Dict[str, Dict[Tuple[str, str], List[Tuple[int, float]]]] = {}
+    checkpoints: Dict[Tuple[str, str, str], Dict[int, List[float]]] = {}
     for run in per_run:
         if math.isfinite(run["final"]):
             finals.setdefault(run["method"], {}).setdefault((run["env_id"], run["algo"]), []).append(
                 (run["seed"], run["final"]))
+            checkpoints.setdefault((run["method"], run["env_id"], run["algo"]), {}).setdefault(
+                run.get("checkpoint_seed", 1), []).append(run["final"])
+    unit = "checkpoints" if checkpoints and all(len(c) > 1 for c in checkpoints.values()) else "runs"
+    if unit == "checkpoints":
+        finals = {}
+        for (method, env_id, algo), groups in checkpoints.items():
+            finals.setdefault(method, {})[(env_id, algo)] = [(c, float(np.mean(v))) for c, v in groups.items()]
     tasks = sorted({(run["env_id"], run["algo"]) for run in per_run})
     methods = sorted(finals, key=method_rank)
     left_out = {m: [t for t in tasks if t not in finals[m]] for m in methods if len(finals[m]) < len(tasks)}
@@ -271,7 +384,7 @@ def aggregate(per_run: List[dict], reps: int, seed: int) -> dict:
     improvements = {(x, y): seeded_interval_estimates((matrices[x], matrices[y]), improvement, reps, seed)
                     for x, y in pairs}
     return {"tasks": tasks, "matrices": matrices, "trimmed": trimmed, "left_out": left_out, "iqm": iqms,
-            "improvement": improvements}
+            "improvement": improvements, "unit": unit}
 
 
 def verdicts(agg: dict) -> List[str]:
@@ -304,13 +417,42 @@ def format_ci(estimate: Tuple[float, float, float], digits: int = 1) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], dip_fraction: float) -> str:
+def verdict_word(estimate: Tuple[float, float, float], lower_is_better: bool = False) -> str:
+    """`higher` / `lower` when the difference's interval excludes 0, else `~` (not distinguishable)."""
+    _, low, high = estimate
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0.0 <= high:
+        return "~"
+    return "higher" if low > 0.0 else "lower"
+
+
+def seeds_column(row: dict) -> str:
+    """How many runs; with several checkpoints, also how many checkpoints (the unit of the interval)."""
+    if len(row.get("checkpoints", [1])) > 1:
+        return f"{len(row['seeds'])} ({len(row['checkpoints'])} ckpt)"
+    return str(len(row["seeds"]))
+
+
+def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], dip_fraction: float,
+                  compared: Optional[List[dict]] = None) -> str:
     lines = ["## Per cell", "",
-             f"| env | algo | method | seeds | offline | final online | dip (first {dip_fraction:.0%}) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"| env | algo | method | seeds | offline | final online | dip (first {dip_fraction:.0%}) | "
+             "mean after warm-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['env_id']} | {row['algo']} | {row['method']} | {len(row['seeds'])} | "
-                     f"{format_ci(row['offline'])} | {format_ci(row['final'])} | {format_ci(row['dip'])} |")
+        lines.append(f"| {row['env_id']} | {row['algo']} | {row['method']} | {seeds_column(row)} | "
+                     f"{format_ci(row['offline'])} | {format_ci(row['final'])} | {format_ci(row['dip'])} | "
+                     f"{format_ci(row['during'])} |")
+    if compared:
+        lines += ["", "## Per cell, each arm against a reference (paired, checkpoint level)", "",
+                  "Difference arm - reference of the checkpoint-level means, with the 95% interval of the "
+                  "checkpoint-level bootstrap (both arms resampled with the same checkpoints). `higher` / `lower`: "
+                  "the interval excludes 0; `~`: it does not. A higher dip is a shallower one.", "",
+                  "| env | algo | arm | reference | ckpt | final | dip | mean after warm-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in compared:
+            cells = " | ".join(f"{format_ci(row[key])} {verdict_word(row[key])}" for key in ("final", "dip", "during"))
+            lines.append(f"| {row['env_id']} | {row['algo']} | {row['method']} | {row['reference']} | "
+                         f"{row['checkpoints']} | {cells} |")
     tasks = ", ".join(f"{env_id} {algo}" for env_id, algo in agg["tasks"])
     lines += ["", "## Across tasks", "", f"{len(agg['tasks'])} task(s): {tasks}."]
     for method, missing in agg["left_out"].items():
@@ -320,7 +462,8 @@ def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], d
         if count:
             lines.append(f"- `{method}`: {count} run(s) beyond its task with fewest runs not used (lowest seeds "
                          "kept), since rliable needs as many runs in every task.")
-    lines += ["", "| method | runs per task | IQM of final scores |", "| --- | --- | --- |"]
+    per_task = "checkpoints per task" if agg.get("unit") == "checkpoints" else "runs per task"
+    lines += ["", f"| method | {per_task} | IQM of final scores |", "| --- | --- | --- |"]
     for method, estimate in agg["iqm"].items():
         lines.append(f"| {method} | {agg['matrices'][method].shape[0]} | {format_ci(estimate)} |")
     lines += ["", "| SAMG method | baseline | P(improvement) |", "| --- | --- | --- |"]
@@ -355,10 +498,15 @@ def gap_curve(scalars: Scalars) -> Optional[Tuple[np.ndarray, np.ndarray]]:
 
 PANELS = (("normalized score", lambda s: s.get(SCORE_TAG)), ("samg/p_mean", lambda s: s.get("samg/p_mean")),
           ("samg/p_active_frac", lambda s: s.get("samg/p_active_frac")), ("Q_off - Qbar (next pairs)", gap_curve))
+# drawn too (a 2x3 figure) when some run logged them: p's median, and whether p still separates offline pairs from
+# the batch's states with random actions
+EXTRA_PANELS = (("samg/p_q50 (median p of the batch)", lambda s: s.get("samg/p_q50")),
+                ("samg/p_auroc (offline vs random actions)", lambda s: s.get("samg/p_auroc")))
 
 
 def plot_tasks(runs: List[dict], out_dir: Path, reps: int, seed: int) -> List[Path]:
-    """Per task a 2x2 PNG (score and the three diagnostics), one line per method with a 95% bootstrap band."""
+    """Per task a 2x2 PNG (score and the three diagnostics; 2x3 with p's median and AUROC where logged), one line
+    per method with a 95% bootstrap band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,8 +516,10 @@ def plot_tasks(runs: List[dict], out_dir: Path, reps: int, seed: int) -> List[Pa
     paths = []
     for env_id, algo in sorted({(run["meta"]["env_id"], run["meta"]["algo"]) for run in runs}):
         task_runs = [run for run in runs if (run["meta"]["env_id"], run["meta"]["algo"]) == (env_id, algo)]
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-        for ax, (title, extract) in zip(axes.flat, PANELS):
+        extra = any(extract(run["scalars"]) is not None for _, extract in EXTRA_PANELS for run in task_runs)
+        panels = PANELS[:2] + EXTRA_PANELS[:1] + PANELS[2:] + EXTRA_PANELS[1:] if extra else PANELS
+        fig, axes = plt.subplots(2, 3 if extra else 2, figsize=(16 if extra else 11, 7.5), sharex=True)
+        for ax, (title, extract) in zip(axes.flat, panels):
             for index, method in enumerate(methods):
                 curves = [c for run in task_runs if run["meta"]["method"] == method
                           for c in [extract(run["scalars"])] if c is not None and len(c[0])]
@@ -442,8 +592,10 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
             continue
         steps, values = run["scalars"][SCORE_TAG]
         total_steps = run["meta"].get("total_timesteps") or int(steps.max())
-        scores = run_scores(steps, values, total_steps, args.final_evals, args.dip_fraction)
-        per_run.append({**{k: run["meta"][k] for k in ("env_id", "algo", "method", "seed")}, **scores})
+        scores = run_scores(steps, values, total_steps, args.final_evals, args.dip_fraction,
+                            run["meta"].get("learning_starts") or 0)
+        per_run.append({**{k: run["meta"][k] for k in ("env_id", "algo", "method", "seed")},
+                        "checkpoint_seed": run["meta"].get("checkpoint_seed", 1), **scores})
         used.append(run)
     if not used:
         fail(f"no run has {SCORE_TAG}; are these the online scripts' logs?")
@@ -451,17 +603,23 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
         for run in used:
             export_csv(run, out_dir / "scalars")
     methods_flags = {run["meta"]["method"]: run["meta"].get("flags", []) for run in used}
-    body = markdown_body(cell_rows(per_run, args.reps, args.seed), aggregate(per_run, args.reps, args.seed),
-                         methods_flags, args.dip_fraction)
+    agg = aggregate(per_run, args.reps, args.seed)
+    rows = cell_rows(per_run, args.reps, args.seed)
+    several = any(len(row["checkpoints"]) > 1 for row in rows)
+    body = markdown_body(rows, agg, methods_flags, args.dip_fraction,
+                         comparisons(per_run, args.reps, args.seed) if several else None)
     header = (
         f"# Results\n\nFrom {len(per_run)} runs in {source}. D4RL-normalized scores (x100). Per cell: mean over "
         f"seeds [95% percentile bootstrap interval, {args.reps} resamples of the seeds, seed {args.seed}]. "
         f"offline = evaluation at online step 0; final online = mean of the last {args.final_evals} evaluation(s); "
-        f"dip = lowest evaluation after step 0 within the first {args.dip_fraction:.0%} of online steps. Across "
-        "tasks (rliable): IQM of the final scores and P(improvement) with stratified bootstrap 95% intervals "
-        f"({args.reps} resamples); P(X > Y) counts ties as one half. An interval that is one value is shown as "
-        "that value. Where one checkpoint per (dataset, algo) serves every online seed (see checkpoint_seed in "
-        "the runs' suite.json), the intervals are over online seeds from one start.\n\n"
+        f"dip = lowest evaluation after step 0 within the first {args.dip_fraction:.0%} of online steps; mean "
+        "after warm-up = mean of every evaluation after the run's --learning-starts (what fine-tuning costs while "
+        "it runs). Across tasks (rliable): IQM of the final scores and P(improvement) with stratified bootstrap "
+        f"95% intervals ({args.reps} resamples); P(X > Y) counts ties as one half. An interval that is one value is "
+        "shown as that value. The unit of an interval: where a cell's runs fine-tuned several checkpoints "
+        "(checkpoint_seed in the runs' suite.json; `ckpt` in the seeds column), the checkpoint (checkpoints "
+        "resampled, then the online seeds within each) and, across tasks, one checkpoint's mean over its seeds; "
+        "where one checkpoint serves every online seed, the online seeds from that one start.\n\n"
     )
     write_staged(out_dir / "results.md", (header + body).encode())
     return body, plot_tasks(used, out_dir, args.reps, args.seed) if args.plots else []

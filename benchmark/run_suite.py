@@ -16,7 +16,9 @@ one checkpoint per (dataset, algo) serves every online seed: what is compared is
 
 Presets: `quick` (Pendulum, local data, measured on 2 CPU cores), `paper` (the D4RL locomotion names at the
 published budgets, for a cluster) and `locomotion-cpu` (Hopper, HalfCheetah and Walker2d from locally made medium
-and medium-replay data, budgets reduced to about 2.5 h per environment on 2 cores, measured on Hopper). PRESETS
+and medium-replay data, budgets reduced to about 2.5 h per environment on 2 cores, measured on Hopper) and
+`frozen-dip` (SAMG with its offline critic frozen, from 3 independent checkpoints per cell, in the cells where plain
+fine-tuning dips). PRESETS
 says what each runs.
 
 Runs whose results exist are skipped, so an interrupted suite is resumed by starting it again: a `local/...`
@@ -65,6 +67,8 @@ ALGOS = ("cql", "td3bc", "awac", "iql")
 METHODS = {
     "samg": ("--coef-mode", "cvae"),
     "samg-static": ("--coef-mode", "cvae", "--no-adaptive"),
+    "samg-static-sample": ("--coef-mode", "cvae", "--no-adaptive", "--p-at", "sample"),
+    "samg-static-deterministic": ("--coef-mode", "cvae", "--no-adaptive", "--p-next-action", "deterministic"),
     "samg-sample": ("--coef-mode", "cvae", "--p-at", "sample"),
     "samg-next": ("--coef-mode", "cvae", "--p-at", "next"),
     "samg-both": ("--coef-mode", "cvae", "--p-at", "both"),
@@ -145,6 +149,25 @@ PRESETS: Dict[str, Preset] = {
                       for quality in ("medium", "medium-replay", "medium-expert")),
         offline_steps=1_000_000, online_steps=250_000,
     ),
+    # SAMG with its offline critic really frozen, from independent checkpoints, in the cells where plain fine-tuning
+    # dips (TD3+BC on the medium data of Hopper, HalfCheetah and Walker2d; benchmark/results/frozen-dip/stages.md).
+    # Data and pretraining as locomotion-cpu's, but 3 checkpoints per cell, each fine-tuned by 3 online seeds (online
+    # seed k by checkpoint ((k - 1) % 3) + 1). Arms: the two baselines, the shipped default (adaptive C-VAE; the
+    # default --qoff-refresh-every 50000 never comes within 20k steps, so its Q_off stays the offline critic too),
+    # the static SAMG (C-VAE and Q_off frozen) with p at the next pair and at the sample, and p = 0.5 frozen. 20k
+    # online steps (18k updates): plain fine-tuning's dip on HalfCheetah lasted 3k-8k steps in locomotion-cpu.
+    # Evaluations every 1k steps. samg-static-deterministic (TD3: p at pi_target(s') rather than the smoothed a')
+    # is the pilot's, added with --methods.
+    "frozen-dip": Preset(
+        env_ids=tuple(f"local/{env}/medium-v0" for env in ("halfcheetah", "hopper", "walker2d")),
+        algos=("td3bc",), methods=("none", "offline-0.5", "samg", "samg-static", "samg-static-sample", "even-static"),
+        seeds=tuple(range(1, 10)), pretrain_seeds=3,
+        dataset_args=("--total-timesteps", "150000", "--transitions", "200000", "--hidden-dims", "256", "256",
+                      "--eval-episodes", "5"),
+        pretrain_args=("--hidden-dims", "256", "256"), offline_steps=30_000, cvae_steps=10_000,
+        offline_eval_freq=10_000, online_steps=20_000, learning_starts=2_000, online_eval_freq=1_000,
+        eval_episodes=5,
+    ),
     # Hopper-v5, HalfCheetah-v5 and Walker2d-v5 from medium-replay and medium data made here by make_dataset.py
     # (SAC behaviour agent 256x256 for at most 150k steps, 200k transitions per medium set). Budgets chosen by
     # measurement on Hopper (benchmark/results/locomotion-cpu/stages.md) so that one environment takes about 2.5 h
@@ -172,7 +195,7 @@ PRESETS: Dict[str, Preset] = {
 
 @dataclass
 class Args:
-    preset: Literal["quick", "paper", "locomotion-cpu"] = "quick"
+    preset: Literal["quick", "paper", "locomotion-cpu", "frozen-dip"] = "quick"
     """which suite to run; the flags below override its parts"""
     env_ids: Optional[Tuple[str, ...]] = None
     """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
@@ -357,7 +380,8 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                     command = online_command(env_id, algo, method, seed, checkpoint, run_dir, preset)
                     meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
                             "flags": list(METHODS[method]), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
-                            "total_timesteps": preset.online_steps, "checkpoint": str(checkpoint)}
+                            "total_timesteps": preset.online_steps, "learning_starts": preset.learning_starts,
+                            "checkpoint": str(checkpoint)}
                     runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta,
                                     done_file=run_dir / "DONE"))
     return runs

@@ -374,7 +374,9 @@ def scored(env_id, algo, method, finals):
 def test_run_scores_take_step_0_the_last_evaluations_and_the_minimum_of_the_first_tenth():
     steps = np.array([0, 50, 100, 150, 500, 1000])
     values = np.array([40.0, 30.0, 20.0, 10.0, 60.0, 80.0])
-    assert report.run_scores(steps, values, total_steps=1000) == {"offline": 40.0, "final": 80.0, "dip": 20.0}
+    assert report.run_scores(steps, values, total_steps=1000) == {"offline": 40.0, "final": 80.0, "dip": 20.0,
+                                                                  "during": np.mean([30, 20, 10, 60, 80])}
+    assert report.run_scores(steps, values, total_steps=1000, warmup=100)["during"] == np.mean([10, 60, 80])
     assert report.run_scores(steps, values, total_steps=1000, final_evals=2)["final"] == 70.0
     assert report.run_scores(steps, values, total_steps=1500)["dip"] == 10.0  # the window grows to 150
     assert np.isnan(report.run_scores(np.array([0, 500]), np.array([1.0, 2.0]), total_steps=1000)["dip"])
@@ -602,3 +604,126 @@ def test_both_estimators_rank_dataset_actions_above_random_ones_on_a_trained_cva
         assert results[estimator]["auroc_random"] > 0.6, (estimator, results[estimator])
     table = ood.markdown([(path, source, results)], p_threshold=0.2)
     assert table.count("| fake.pt |") == 2 and "| latent |" in table and "| elbo |" in table
+
+
+# --- the checkpoint as the unit ---
+def test_checkpoint_level_interval_of_two_checkpoints_spans_their_means_whatever_their_seeds_say():
+    # seeds agree within each checkpoint: resampling the two checkpoints gives a, (a+b)/2, b with probabilities
+    # 1/4, 1/2, 1/4, so the 2.5% and 97.5% percentiles are exactly a and b
+    groups = {1: np.array([10.0, 10.0, 10.0]), 2: np.array([30.0, 30.0, 30.0])}
+    assert report.checkpoint_mean_ci(groups, reps=4000, seed=1) == (20.0, 10.0, 30.0)
+    # the same six runs pooled as seeds of one start give a much narrower interval
+    _, low, high = report.bootstrap_mean_ci([10.0] * 3 + [30.0] * 3, reps=4000, seed=1)
+    assert 10.0 < low and high < 30.0
+
+
+def independent_nested_bootstrap(groups, reps, seed):
+    """The checkpoint-level bootstrap written out plainly, in the draw order report.nested_resamples documents."""
+    rng = np.random.default_rng(seed)
+    statistics = []
+    for _ in range(reps):
+        picks = rng.integers(0, len(groups), len(groups))
+        means = []
+        for pick in picks:
+            seeds = groups[pick]
+            drawn = [seeds[i] for i in rng.integers(0, len(seeds), len(seeds))]
+            means.append(sum(drawn) / len(drawn))
+        statistics.append(sum(means) / len(means))
+    return statistics
+
+
+def test_checkpoint_level_interval_matches_an_independent_resampling_of_checkpoints_then_seeds():
+    groups = [[12.0, 30.0, 18.0], [40.0, 44.0], [5.0, 9.0, 1.0, 7.0]]
+    statistics = independent_nested_bootstrap(groups, reps=700, seed=4)
+    low, high = np.percentile(statistics, [2.5, 97.5])
+    point = np.mean([np.mean(g) for g in groups])
+    result = report.checkpoint_mean_ci({c: np.array(g) for c, g in enumerate(groups, 1)}, reps=700, seed=4)
+    assert result == pytest.approx((point, low, high), abs=1e-9)
+
+
+def test_paired_difference_resamples_both_arms_with_the_same_checkpoints():
+    # arm x is arm y + 5 on every checkpoint; checkpoints differ by 40: paired, the difference is exactly 5
+    x = {1: np.array([15.0, 15.0]), 2: np.array([55.0, 55.0]), 3: np.array([35.0, 35.0])}
+    y = {1: np.array([10.0, 10.0]), 2: np.array([50.0, 50.0]), 3: np.array([30.0, 30.0])}
+    assert report.paired_difference_ci(x, y, reps=500, seed=0) == (5.0, 5.0, 5.0, 3)
+    # only the checkpoints both arms fine-tuned count
+    assert report.paired_difference_ci(x, {2: y[2]}, reps=100, seed=0) == (5.0, 5.0, 5.0, 1)
+    assert all(np.isnan(report.paired_difference_ci(x, {9: y[1]}, reps=100, seed=0)[:3]))
+
+
+def checkpoint_runs(method, finals_by_checkpoint, env_id="e1", dips=None):
+    """Per-run rows as build_report makes them: seed k fine-tunes checkpoint ((k - 1) % 3) + 1."""
+    rows = []
+    for checkpoint, finals in finals_by_checkpoint.items():
+        for index, final in enumerate(finals):
+            rows.append({"env_id": env_id, "algo": "td3bc", "method": method, "seed": checkpoint + 3 * index,
+                         "checkpoint_seed": checkpoint, "offline": 40.0, "final": final,
+                         "dip": final / 2 if dips is None else dips, "during": final - 1.0})
+    return rows
+
+
+def test_cells_comparisons_and_the_aggregate_treat_the_checkpoint_as_the_unit():
+    samg = {1: [60.0, 62.0, 61.0], 2: [20.0, 21.0, 22.0], 3: [40.0, 40.0, 43.0]}
+    none = {c: [v - 10.0 for v in values] for c, values in samg.items()}
+    per_run = []
+    for env_id in ("e1", "e2"):
+        per_run += checkpoint_runs("samg-static", samg, env_id) + checkpoint_runs("none", none, env_id)
+    rows = report.cell_rows(per_run, reps=500, seed=0)
+    row = next(r for r in rows if r["env_id"] == "e1" and r["method"] == "samg-static")
+    assert row["checkpoints"] == [1, 2, 3] and len(row["seeds"]) == 9
+    groups = [samg[c] for c in (1, 2, 3)]
+    expected = np.percentile(independent_nested_bootstrap(groups, reps=500, seed=0), [2.5, 97.5])
+    assert row["final"] == pytest.approx((np.mean([np.mean(g) for g in groups]), *expected), abs=1e-9)
+    compared = report.comparisons(per_run, reps=300, seed=0)
+    assert {(c["env_id"], c["method"], c["reference"]) for c in compared} == {("e1", "samg-static", "none"),
+                                                                             ("e2", "samg-static", "none")}
+    final_low = compared[0]["final"][1]
+    assert compared[0]["final"][0] == pytest.approx(10.0) and final_low > 0.0 and compared[0]["checkpoints"] == 3
+    agg = report.aggregate(per_run, reps=200, seed=0)
+    assert agg["unit"] == "checkpoints" and agg["matrices"]["samg-static"].shape == (3, 2)  # checkpoints x tasks
+    assert sorted(agg["matrices"]["samg-static"][:, 0]) == pytest.approx([21.0, 41.0, 61.0])
+    body = report.markdown_body(rows, agg, {"samg-static": [], "none": []}, 0.3, compared)
+    assert "| e1 | td3bc | samg-static | 9 (3 ckpt) |" in body
+    assert "| method | checkpoints per task | IQM of final scores |" in body
+    assert "| e1 | td3bc | samg-static | none | 3 | 10.0 [" in body and "] higher |" in body
+    # one checkpoint per cell: intervals over seeds, as before
+    single = scored("e1", "td3bc", "samg", [1.0, 2.0, 3.0]) + scored("e1", "td3bc", "none", [1.0, 2.0, 3.0])
+    assert report.aggregate(single, reps=50, seed=0)["unit"] == "runs"
+
+
+def test_frozen_dip_preset_pretrains_three_checkpoints_per_cell_and_fine_tunes_each_with_three_seeds():
+    preset, _, _ = suite.resolve(suite.Args(preset="frozen-dip"))
+    runs = suite.plan("frozen-dip", preset, "r", "c")
+    stages = [run.stage for run in runs]
+    assert stages == ["dataset"] * 3 + ["pretrain"] * 9 + ["online"] * (3 * 6 * 9)
+    assert all(contains(run.command, ["--qualities", "medium"]) and "medium-replay" not in run.command
+               for run in runs[:3])
+    online = [run for run in runs if run.stage == "online"]
+    assert {run.meta["method"] for run in online} == {"none", "offline-0.5", "samg", "samg-static",
+                                                      "samg-static-sample", "even-static"}
+    for run in online:
+        assert run.meta["checkpoint_seed"] == (run.meta["seed"] - 1) % 3 + 1
+        assert run.command[run.command.index("--checkpoint") + 1].endswith(f"__{run.meta['checkpoint_seed']}.pt")
+        assert run.meta["learning_starts"] == 2000 and run.meta["total_timesteps"] == 20_000
+        assert "--qoff-refresh-every" not in run.command  # the shipped default: no refresh within 20k steps
+    static = next(run for run in online if run.meta["method"] == "samg-static-sample")
+    assert contains(static.command, ["--no-adaptive", "--p-at", "sample"])
+
+
+@pytest.mark.parametrize("method", sorted(suite.METHODS))
+def test_every_method_is_flags_that_the_online_scripts_it_names_accept(method):
+    import tyro
+
+    flags = list(suite.METHODS[method])
+    for algo, script in suite.ONLINE_SCRIPTS.items():
+        spec = importlib.util.spec_from_file_location(f"method_check_{algo}", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        if "--p-next-action" in flags and algo != "td3bc":  # TD3's own flag: the method is for TD3+BC runs only
+            with pytest.raises(SystemExit):
+                tyro.cli(module.Args, args=flags)
+            continue
+        args = tyro.cli(module.Args, args=flags)
+        assert args.coef_mode == flags[flags.index("--coef-mode") + 1]
+        assert args.adaptive == ("--no-adaptive" not in flags)

@@ -56,9 +56,10 @@ def test_script_fine_tunes_past_learning_starts_evaluates_logs_and_saves_a_reloa
     assert all(0.0 <= value <= 1.0 for _, value in logged["samg/p_mean"] + logged["samg/p_active_frac"])
     for tag in ["losses/qf_loss", "losses/actor_loss", "losses/qf_values", "samg/intrinsic", "samg/cvae_loss",
                 "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "charts/episodic_return",
-                "charts/SPS", "eval/return"]:
+                "charts/SPS", "eval/return", "samg/p_q10", "samg/p_q50", "samg/p_q90", "samg/p_auroc"]:
         assert tag in logged, f"{tag} missing"
     assert all(torch.isfinite(torch.tensor(value)) for _, value in logged["losses/qf_loss"])
+    assert all(0.0 <= value <= 1.0 for _, value in logged["samg/p_auroc"])
 
     (run,) = os.listdir(tmp_path)
     model = torch.load(tmp_path / run / "model.pt", weights_only=True)

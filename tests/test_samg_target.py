@@ -465,3 +465,76 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
     for x, y in zip(fast, plain, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fast[4], actor.trunk[0].weight)  # it did learn
+
+
+# --- TD3's --p-next-action, and samg/p_auroc ---
+@pytest.mark.parametrize("p_next_action", ["smoothed", "deterministic"])
+def test_td3_p_next_action_takes_p_at_the_smoothed_or_the_target_policys_own_action(td3, p_next_action):
+    data = batch()
+    torch.manual_seed(1)
+    actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
+    critic_target, q_offline = critics(td3, 2), critics(td3, 3)
+    cvae = td3.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)  # untrained: p_vae differs from pair to pair
+    args = td3.Args(coef_mode="cvae", p_estimator="latent", p_threshold=0.0, gamma=0.9, p_at="next",
+                    p_next_action=p_next_action)
+    guide = td3.Guidance(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
+    obs, actions, rewards, next_obs, dones = data
+    with torch.no_grad():
+        torch.manual_seed(7)
+        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, guide, args, diagnose=False)
+        torch.manual_seed(7)
+        noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
+        smoothed = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
+        p_pair = smoothed if p_next_action == "smoothed" else actor_target(next_obs)
+        expected_p = td3.p_latent(cvae, next_obs, p_pair)
+        # Q values are taken at the smoothed action either way
+        expected = rewards + 0.9 * (1 - dones) * torch.lerp(critic_target(next_obs, smoothed).min(0).values,
+                                                             q_offline(next_obs, smoothed).min(0).values, expected_p)
+    torch.testing.assert_close(p, expected_p)
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
+    other = td3.p_latent(cvae, next_obs, actor_target(next_obs) if p_next_action == "smoothed" else smoothed)
+    assert not torch.allclose(p, other)  # the choice matters
+
+
+def reservoir_guidance(module, estimator):
+    """A Guidance whose C-VAE has learned a reservoir of offline pairs whose actions are a function of s."""
+    torch.manual_seed(0)
+    reservoir_obs = torch.randn(400, OBS_DIM)
+    reservoir_actions = torch.tanh(reservoir_obs @ torch.randn(OBS_DIM, ACT_DIM))
+    cvae = module.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
+    optimizer = torch.optim.Adam(cvae.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = module.cvae_loss(cvae, reservoir_obs, reservoir_actions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    calibration = {"neg_elbo_quantiles": torch.arange(10.0), "reservoir_obs": reservoir_obs,
+                   "reservoir_actions": reservoir_actions}
+    return module.Guidance(module.Args(p_estimator=estimator), cvae, calibration, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("estimator", ["elbo", "latent"])
+def test_separation_is_the_auroc_of_p_vae_on_offline_pairs_against_random_actions(sac, estimator):
+    guide = reservoir_guidance(sac, estimator)
+    obs = torch.randn(128, OBS_DIM)
+    torch.manual_seed(5)
+    auroc = guide.separation(obs)
+    torch.manual_seed(5)  # the same random actions, scored here with the estimator and a plain double loop
+    random_actions = torch.rand(128, ACT_DIM) * 2.0 - 1.0
+    with torch.no_grad():
+        if estimator == "latent":
+            familiar = sac.p_latent(guide.cvae, *guide.reservoir)
+            novel = sac.p_latent(guide.cvae, obs, random_actions)
+        else:
+            familiar = sac.p_elbo(guide.cvae, guide.neg_elbo_reference, *guide.reservoir)
+            novel = sac.p_elbo(guide.cvae, guide.neg_elbo_reference, obs, random_actions)
+    wins = sum(1.0 if f > n else 0.5 if f == n else 0.0 for f in familiar.tolist() for n in novel.tolist())
+    assert auroc.item() == pytest.approx(wins / (len(familiar) * len(novel)), abs=1e-6)
+    assert auroc.item() > 0.6  # a C-VAE that learned the offline pairs ranks them above random actions
+
+
+def test_separation_is_one_half_when_p_cannot_tell_and_nan_without_a_reservoir(sac):
+    guide = reservoir_guidance(sac, "latent")
+    guide.cvae = certain_cvae(sac)  # p_vae = 1 for every pair: all ties
+    assert guide.separation(torch.randn(64, OBS_DIM)).item() == 0.5
+    assert math.isnan(guidance(sac, certain_cvae(sac)).separation(torch.randn(8, OBS_DIM)).item())
