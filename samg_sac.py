@@ -528,6 +528,7 @@ class Guidance:
             self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
         self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
         self.scale = torch.ones((), device=device)  # the linear fade's factor, set by the training loop
+        self.probe = torch.Generator(device=device).manual_seed(0)  # separation's actions: training's RNG untouched
 
     @torch.no_grad()
     def recalibrate(self):
@@ -547,13 +548,15 @@ class Guidance:
         better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
         if self.reservoir is None:
             return torch.full((), math.nan)
+
         def p_vae(o, a):
             if self.args.p_estimator == "latent":
                 return p_latent(self.cvae, o, a)
             return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
 
-        familiar = p_vae(*self.reservoir)
-        novel = p_vae(obs, torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device) * 2.0 - 1.0)
+        random_actions = torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device,
+                                    generator=self.probe) * 2.0 - 1.0
+        familiar, novel = p_vae(*self.reservoir), p_vae(obs, random_actions)
         above = (familiar[:, None] > novel[None, :]).float().mean()
         return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
 
