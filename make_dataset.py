@@ -27,7 +27,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
-
 import gymnasium as gym
 import h5py
 import minari
@@ -103,76 +102,7 @@ class Args:
     """train on CUDA when it is available"""
 
 
-# --- shared: dataset names ---
-# D4RL-style env name -> (Gymnasium id, D4RL reference random score, D4RL reference expert score).
-# Scores are D4RL's (Fu et al. 2020, d4rl/infos.py); None: measured by make_dataset.py.
-GYM_ENVS = {
-    "hopper": ("Hopper-v5", -20.272305, 3234.3),
-    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
-    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
-    "ant": ("Ant-v5", -325.6, 3879.7),
-    "pendulum": ("Pendulum-v1", None, None),
-    "invertedpendulum": ("InvertedPendulum-v5", None, None),
-    "inverteddoublependulum": ("InvertedDoublePendulum-v5", None, None),
-}
-QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-ADROIT_ENVS = ("pen", "door", "hammer", "relocate")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
-D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+)-v(?P<version>\d+)$")
-
-
-def parse_d4rl_name(name: str):
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); None when `name` is not D4RL-style."""
-    match = D4RL_NAME.match(name)
-    if match is None:
-        return None
-    env, quality = match["env"], match["quality"]
-    if env == "antmaze" and quality in ANTMAZE_TASKS:
-        return env, quality
-    if env in ADROIT_ENVS and quality in ADROIT_QUALITIES:
-        return env, quality
-    if env in GYM_ENVS and quality in QUALITIES:
-        return env, quality
-    return None
-
-
-def d4rl_version(env: str) -> int:
-    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
-    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
-    if env in ADROIT_ENVS:
-        return 1
-    if env == "antmaze" or GYM_ENVS[env][1] is not None:
-        return 2
-    return 0
-
-
-def version_error(name: str) -> Optional[str]:
-    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
-    parsed = parse_d4rl_name(name)
-    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
-        return None
-    env, quality = parsed
-    version = d4rl_version(env)
-    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
-
-
-LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
-ACCEPTED_IDS = (
-    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
-    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
-    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
-    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
-)
-# --- end shared ---
-
-
 # --- shared: environment ---
-def fail(message: str):
-    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
-    raise SystemExit(f"error: {message}")
-
-
 def flatten_obs(obs):
     """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
     is in achieved_goal, so leaving it out would blind the policy."""
@@ -194,85 +124,6 @@ def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The networks act in [-1, 1]; the environment gets [low, high]."""
     return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
-# --- end shared ---
-
-
-# --- shared: checks, logs and progress ---
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
-    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
-             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
-    for fields, allowed, what in rules:
-        for field in fields:
-            value = getattr(args, field)
-            values = list(value) if isinstance(value, (tuple, list)) else [value]
-            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
-                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
-
-
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
-
-
-def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
-    if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    sys.__excepthook__(exc_type, exc, traceback)
-
-
-def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
-    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-    return writer
-
-
-def duration(seconds: float) -> str:
-    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
-    seconds = int(seconds) if math.isfinite(seconds) else 0
-    days, seconds = divmod(seconds, 86_400)
-    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
-    return f"{days}d {clock}" if days else clock
-
-
-class Progress:
-    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
-    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.last_time, self.last_step = time.time(), 0
-
-    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
-        """Prints if it is time and returns the recent steps per second, else returns None."""
-        now = time.time()
-        if not (force or step == self.total or now - self.last_time >= self.every):
-            return None
-        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = duration((self.total - step) / sps) if sps > 0 else "?"
-        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
-        self.last_time, self.last_step = now, step
-        return sps
 # --- end shared ---
 
 
@@ -354,200 +205,6 @@ class TanhGaussianActor(nn.Module):
         action, _, mean_action = self(obs)
         return mean_action if deterministic else action
 # --- end shared ---
-
-
-# --- shared: evaluation ---
-@torch.no_grad()
-def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
-             device: torch.device):
-    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
-    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
-    low, high = env.action_space.low, env.action_space.high
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
-            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
-            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
-            returns[episode] += float(reward)
-            lengths[episode] += 1
-            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
-            done = terminated or truncated
-    return returns, lengths, successes
-
-
-def normalized_score(returns, ref_min_score: float, ref_max_score: float):
-    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
-    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
-# --- end shared ---
-
-
-D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-D4RL_LOCOMOTION = tuple(name for name, (_, ref_min, _) in GYM_ENVS.items() if ref_min is not None)
-STAGING_PREFIX = ".make_dataset-"  # hidden folders of the Minari store where new datasets are built
-
-
-def env_name_of(gym_id: str) -> str:
-    """`Hopper-v5` -> `hopper` (its name in GYM_ENVS); other ids lower-cased without version and punctuation."""
-    for name, (table_id, _, _) in GYM_ENVS.items():
-        if table_id == gym_id:
-            return name
-    return re.sub(r"[^a-z0-9]", "", re.sub(r"-v\d+$", "", gym_id.split("/")[-1]).lower())
-
-
-def resolve_request(args: Args) -> Tuple[str, str, List[str]]:
-    """--env-id / --gym-id / --qualities -> (env name, Gymnasium id, qualities), with one-sentence errors."""
-    qualities = list(args.qualities)
-    if args.env_id is not None:
-        parsed = parse_d4rl_name(args.env_id)
-        if parsed is not None and parsed[0] not in GYM_ENVS:
-            # antmaze and adroit data come from D4RL's planners and human demonstrations, not from a SAC agent
-            port = f"D4RL/antmaze/{parsed[1]}-v1" if parsed[0] == "antmaze" else f"D4RL/{parsed[0]}/{parsed[1]}-v2"
-            fail(f"{args.env_id} cannot be generated here (D4RL made it with planners or human demonstrations); "
-                 f"use Minari's hosted port {port}, which `python pretrain_offline.py --env-id {args.env_id}` "
-                 f"downloads, or `minari download {port}`")
-        if parsed is None:
-            fail(f"make_dataset.py cannot make {args.env_id!r}; name it {{env}}-{{quality}}-v{{k}} with env in "
-                 f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or pass --gym-id")
-        if version_error(args.env_id):
-            fail(version_error(args.env_id))
-        env_name, quality = parsed
-        gym_id = GYM_ENVS[env_name][0]
-        if args.gym_id is not None and args.gym_id != gym_id:
-            fail(f"--env-id {args.env_id} means {gym_id}, not --gym-id {args.gym_id}; pass only one of them")
-        qualities = [quality, *qualities]
-    elif args.gym_id is not None:
-        gym_id, env_name = args.gym_id, env_name_of(args.gym_id)
-        qualities = qualities or ["random", "medium", "medium-replay"]
-    else:
-        fail("say what to make: --env-id hopper-medium-v2, --gym-id Hopper-v5 --qualities ..., or --from-d4rl FILE")
-    unknown = [quality for quality in qualities if quality not in QUALITIES]
-    if unknown:
-        fail(f"unknown quality {unknown[0]!r}; choose from {', '.join(QUALITIES)}")
-    return env_name, gym_id, [quality for quality in QUALITIES if quality in qualities]
-
-
-def make_checked_env(gym_id: str, seed: int) -> gym.Env:
-    """make_env, with one-sentence errors for unknown ids and for spaces this script cannot handle."""
-    try:
-        env = make_env(gym_id, {}, seed)
-    except gym.error.Error as exc:
-        fail(f"{gym_id!r} is not a Gymnasium environment here ({type(exc).__name__}); pass an id such as Hopper-v5")
-    for what, space in (("actions", env.action_space), ("observations", env.observation_space)):
-        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
-            fail(f"{gym_id} has {type(space).__name__} {what} of shape {space.shape}; make_dataset.py trains a SAC "
-                 f"agent, which needs continuous (Box) actions and flat Box observations")
-    return env
-
-
-def minari_store() -> Path:
-    """The Minari store's folder, as minari finds it, without minari's own makedirs (which would raise a traceback
-    on a blocked place)."""
-    return Path(os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
-
-
-def check_free(dataset_ids: List[str], overwrite: bool):
-    """Refuses to replace an existing dataset unless --overwrite, before any time is spent."""
-    for dataset_id in dataset_ids:
-        if (minari_store() / dataset_id).exists() and not overwrite:
-            fail(f"{dataset_id} already exists in {minari_store()}; pass --overwrite to replace it")
-
-
-def check_reference_scores(gym_id: str, env_name: str, qualities: List[str], expert_return: Optional[float]):
-    """Every dataset stores reference scores; an env without D4RL's needs the trained agent's return or
-    --expert-return, so a run that trains no agent must be given it before anything is collected."""
-    if GYM_ENVS.get(env_name, (None, None))[1] is None and expert_return is None and qualities == ["random"]:
-        fail(f"{gym_id} has no D4RL reference scores and random data trains no agent whose return could serve as the "
-             f"expert reference; pass --expert-return R (a trained agent's return) or add a quality such as medium")
-
-
-class UniformRandomPolicy:
-    """D4RL's random policy: actions uniform over the action space (in the networks' [-1, 1] scale)."""
-
-    def __init__(self, act_dim: int, seed: int):
-        self.act_dim = act_dim
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        return torch.rand(obs.shape[0], self.act_dim, generator=self.generator).to(obs.device) * 2.0 - 1.0
-
-
-class TransitionStore:
-    """Preallocated transitions in the order they happened, as tensors on `device`: the SAC replay buffer (sampled
-    where it lives, with no copy through numpy), and every collected dataset. Actions are kept in the networks'
-    [-1, 1] scale; `arrays` hands them out in the environment's scale."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device = torch.device("cpu")):
-        self.observations = torch.zeros(capacity, obs_dim, device=device)
-        self.next_observations = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, act_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.terminations = torch.zeros(capacity, device=device)  # 1.0 / 0.0, as the Bellman target uses it
-        self.truncations = torch.zeros(capacity, dtype=torch.bool, device=device)
-        self.size = 0
-
-    def add(self, obs, action, reward, next_obs, terminated, truncated):
-        i = self.size
-        self.observations[i], self.actions[i] = torch.from_numpy(obs), torch.from_numpy(action)
-        self.next_observations[i] = torch.from_numpy(next_obs)
-        self.rewards[i], self.terminations[i], self.truncations[i] = float(reward), float(terminated), truncated
-        self.size += 1
-
-    def sample(self, batch_size: int):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.rewards.device)
-        return (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
-                self.terminations[idx])
-
-    def arrays(self, end: int, low: np.ndarray, high: np.ndarray) -> Dict[str, np.ndarray]:
-        def host(x):
-            return x[:end].cpu().numpy()
-
-        return dict(observations=host(self.observations), next_observations=host(self.next_observations),
-                    actions=to_env_action(host(self.actions), low, high).astype(np.float32),
-                    rewards=host(self.rewards), terminations=host(self.terminations).astype(bool),
-                    truncations=host(self.truncations))
-
-
-def to_episodes(data: Dict[str, np.ndarray]) -> List[EpisodeBuffer]:
-    """Splits transitions into Minari episodes at terminations and truncations; an episode that the data cuts off
-    ends truncated. Inside an episode the observation after step t is observations[t + 1]; after its last step it
-    is that step's next_observations."""
-    ends = data["terminations"] | data["truncations"]
-    truncations = data["truncations"].copy()
-    if len(ends) and not ends[-1]:
-        ends[-1] = truncations[-1] = True
-    episodes, start = [], 0
-    for end in np.flatnonzero(ends) + 1:
-        observations = np.concatenate([data["observations"][start:end], data["next_observations"][end - 1:end]])
-        episodes.append(EpisodeBuffer(observations=observations, actions=data["actions"][start:end],
-                                      rewards=data["rewards"][start:end],
-                                      terminations=data["terminations"][start:end],
-                                      truncations=truncations[start:end]))
-        start = end
-    return episodes
-
-
-def act_numpy(policy, obs: np.ndarray, deterministic: bool, device: torch.device) -> np.ndarray:
-    with torch.no_grad():
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
-        return policy.act(obs_t, deterministic)[0].cpu().numpy()
-
-
-def collect(env: gym.Env, policy, transitions: int, deterministic: bool, seed: int, label: str,
-            device: torch.device) -> Dict[str, np.ndarray]:
-    """Runs `policy` for exactly `transitions` steps, resetting at episode ends (D4RL's collection)."""
-    low, high = env.action_space.low, env.action_space.high
-    store = TransitionStore(transitions, env.observation_space.shape[0], env.action_space.shape[0])
-    progress = Progress(transitions)
-    obs, _ = env.reset(seed=seed)
-    for step in range(1, transitions + 1):
-        action = act_numpy(policy, obs, deterministic, device)
-        next_obs, reward, terminated, truncated, _ = env.step(to_env_action(action, low, high))
-        store.add(obs, action, reward, next_obs, terminated, truncated)
-        obs = next_obs if not (terminated or truncated) else env.reset()[0]
-        progress.update(step, f"collecting {label}")
-    return store.arrays(store.size, low, high)
 
 
 # --- the SAC behaviour agent (Haarnoja et al. 2018) ---
@@ -663,6 +320,491 @@ def medium_snapshot(snapshots, medium_return: float):
     print(f"warning: no evaluation reached the medium return {medium_return:.1f}; medium uses the best snapshot "
           f"(step {best[0]}, return {best[1]:.1f}); raise --total-timesteps or lower --medium-return for D4RL's medium")
     return best
+
+
+class UniformRandomPolicy:
+    """D4RL's random policy: actions uniform over the action space (in the networks' [-1, 1] scale)."""
+
+    def __init__(self, act_dim: int, seed: int):
+        self.act_dim = act_dim
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        return torch.rand(obs.shape[0], self.act_dim, generator=self.generator).to(obs.device) * 2.0 - 1.0
+
+
+class TransitionStore:
+    """Preallocated transitions in the order they happened, as tensors on `device`: the SAC replay buffer (sampled
+    where it lives, with no copy through numpy), and every collected dataset. Actions are kept in the networks'
+    [-1, 1] scale; `arrays` hands them out in the environment's scale."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device = torch.device("cpu")):
+        self.observations = torch.zeros(capacity, obs_dim, device=device)
+        self.next_observations = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, act_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.terminations = torch.zeros(capacity, device=device)  # 1.0 / 0.0, as the Bellman target uses it
+        self.truncations = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.size = 0
+
+    def add(self, obs, action, reward, next_obs, terminated, truncated):
+        i = self.size
+        self.observations[i], self.actions[i] = torch.from_numpy(obs), torch.from_numpy(action)
+        self.next_observations[i] = torch.from_numpy(next_obs)
+        self.rewards[i], self.terminations[i], self.truncations[i] = float(reward), float(terminated), truncated
+        self.size += 1
+
+    def sample(self, batch_size: int):
+        idx = torch.randint(0, self.size, (batch_size,), device=self.rewards.device)
+        return (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                self.terminations[idx])
+
+    def arrays(self, end: int, low: np.ndarray, high: np.ndarray) -> Dict[str, np.ndarray]:
+        def host(x):
+            return x[:end].cpu().numpy()
+
+        return dict(observations=host(self.observations), next_observations=host(self.next_observations),
+                    actions=to_env_action(host(self.actions), low, high).astype(np.float32),
+                    rewards=host(self.rewards), terminations=host(self.terminations).astype(bool),
+                    truncations=host(self.truncations))
+
+
+def act_numpy(policy, obs: np.ndarray, deterministic: bool, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
+        return policy.act(obs_t, deterministic)[0].cpu().numpy()
+
+
+def collect(env: gym.Env, policy, transitions: int, deterministic: bool, seed: int, label: str,
+            device: torch.device) -> Dict[str, np.ndarray]:
+    """Runs `policy` for exactly `transitions` steps, resetting at episode ends (D4RL's collection)."""
+    low, high = env.action_space.low, env.action_space.high
+    store = TransitionStore(transitions, env.observation_space.shape[0], env.action_space.shape[0])
+    progress = Progress(transitions)
+    obs, _ = env.reset(seed=seed)
+    for step in range(1, transitions + 1):
+        action = act_numpy(policy, obs, deterministic, device)
+        next_obs, reward, terminated, truncated, _ = env.step(to_env_action(action, low, high))
+        store.add(obs, action, reward, next_obs, terminated, truncated)
+        obs = next_obs if not (terminated or truncated) else env.reset()[0]
+        progress.update(step, f"collecting {label}")
+    return store.arrays(store.size, low, high)
+
+
+def to_episodes(data: Dict[str, np.ndarray]) -> List[EpisodeBuffer]:
+    """Splits transitions into Minari episodes at terminations and truncations; an episode that the data cuts off
+    ends truncated. Inside an episode the observation after step t is observations[t + 1]; after its last step it
+    is that step's next_observations."""
+    ends = data["terminations"] | data["truncations"]
+    truncations = data["truncations"].copy()
+    if len(ends) and not ends[-1]:
+        ends[-1] = truncations[-1] = True
+    episodes, start = [], 0
+    for end in np.flatnonzero(ends) + 1:
+        observations = np.concatenate([data["observations"][start:end], data["next_observations"][end - 1:end]])
+        episodes.append(EpisodeBuffer(observations=observations, actions=data["actions"][start:end],
+                                      rewards=data["rewards"][start:end],
+                                      terminations=data["terminations"][start:end],
+                                      truncations=truncations[start:end]))
+        start = end
+    return episodes
+
+
+def main(args: Args):
+    start_time = time.time()
+    store = check_args_and_store(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    datasets: Dict[str, List[EpisodeBuffer]] = {}  # dataset id -> episodes, in the order they are written
+    descriptions: Dict[str, Tuple[str, str]] = {}  # dataset id -> (algorithm name, description)
+
+    if args.from_d4rl is not None:
+        gym_id, ref_min, ref_max = import_d4rl(args, datasets, descriptions)
+    else:
+        env_name, gym_id, qualities = resolve_request(args)
+        check_free([f"local/{env_name}/{quality}-v0" for quality in qualities], args.overwrite)
+        env = make_checked_env(gym_id, args.seed)
+        check_reference_scores(gym_id, env_name, qualities, args.expert_return)
+        needs_agent = any(quality != "random" for quality in qualities)
+        if needs_agent:  # the behaviour agent's TensorBoard log, opened before any work so that it cannot fail after
+            check_writable(args.run_dir, "--run-dir")
+            run_name = f"{gym_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            writer = open_run_log(args, run_name, vars(args))
+        act_dim = env.action_space.shape[0]
+        print(f"making {', '.join(qualities)} for {gym_id} as local/{env_name}/{{quality}}-v0 on {device}")
+        _, ref_min, ref_max = GYM_ENVS.get(env_name, (gym_id, None, None))
+        if ref_min is None:
+            # [our choice] envs without D4RL scores: the uniform random policy's measured mean return is the
+            # reference minimum, and the trained agent's measured return (or --expert-return) the maximum.
+            random_returns, _, _ = evaluate(UniformRandomPolicy(act_dim, args.seed + 1), make_checked_env(gym_id, 0),
+                                            0.0, 1.0, args.ref_episodes, args.seed + 20_000, device)
+            ref_min = float(random_returns.mean())
+            print(f"random policy: mean return {ref_min:.1f} over {args.ref_episodes} episodes (reference minimum)")
+            ref_max = args.expert_return
+        medium_return = args.medium_return
+        if medium_return is None and ref_max is not None:
+            medium_return = ref_min + (ref_max - ref_min) / 3.0
+        needs_expert = "expert" in qualities or "medium-expert" in qualities or ref_max is None
+
+        if needs_agent:
+            eval_env = make_checked_env(gym_id, args.seed + 10_000)
+            print(f"[sac] training the behaviour agent, logging to {os.path.join(args.run_dir, run_name)}", flush=True)
+            actor, replay, snapshots = train_behaviour_agent(args, make_checked_env(gym_id, args.seed), eval_env,
+                                                             None if needs_expert else medium_return, writer, device)
+            final_step, final_return, _ = snapshots[-1]
+            if ref_max is None:
+                expert_returns, _, _ = evaluate(actor, eval_env, 0.0, 1.0, args.ref_episodes, args.seed + 30_000,
+                                                device)
+                ref_max = float(expert_returns.mean())
+                print(f"trained agent: mean return {ref_max:.1f} over {args.ref_episodes} episodes (reference maximum)")
+                if ref_max <= ref_min:
+                    print("warning: the trained agent is no better than the random policy, so normalized scores mean "
+                          "nothing; raise --total-timesteps or pass --expert-return")
+            if medium_return is None:
+                medium_return = ref_min + (ref_max - ref_min) / 3.0
+            medium_step, medium_eval, medium_weights = medium_snapshot(snapshots, medium_return)
+            print(f"behaviour agent: medium snapshot at step {medium_step} (eval return {medium_eval:.1f}, normalized "
+                  f"{normalized_score(medium_eval, ref_min, ref_max):.1f}); last evaluation at step {final_step}: "
+                  f"return {final_return:.1f} (normalized {normalized_score(final_return, ref_min, ref_max):.1f})")
+            medium_actor = copy.deepcopy(actor)
+            medium_actor.load_state_dict(medium_weights)
+        low, high = env.action_space.low, env.action_space.high
+
+        collected = {}
+        for quality in ("random", "medium", "expert"):
+            if quality in qualities or (quality != "random" and "medium-expert" in qualities):
+                if quality == "random":
+                    policy, deterministic = UniformRandomPolicy(act_dim, args.seed + 2), False
+                    source = "uniform random actions"
+                elif quality == "medium":
+                    policy, deterministic = medium_actor, args.collect_deterministic
+                    source = f"the SAC snapshot at step {medium_step} (evaluation return {medium_eval:.1f})"
+                else:
+                    policy, deterministic = actor, args.collect_deterministic
+                    source = f"the SAC agent after {final_step} steps (evaluation return {final_return:.1f})"
+                seed = args.seed + 100 * (1 + ("random", "medium", "expert").index(quality))
+                data = collect(make_checked_env(gym_id, seed), policy, args.transitions, deterministic, seed,
+                               quality, device)
+                collected[quality] = (to_episodes(data), source)
+        if "medium-replay" in qualities:
+            collected["medium-replay"] = (to_episodes(replay.arrays(medium_step, low, high)),
+                                          f"every transition of the SAC replay buffer up to step {medium_step}")
+        if "medium-expert" in qualities:
+            collected["medium-expert"] = (collected["medium"][0] + collected["expert"][0],
+                                          f"medium ({collected['medium'][1]}) followed by expert "
+                                          f"({collected['expert'][1]})")
+        for quality in qualities:
+            dataset_id = f"local/{env_name}/{quality}-v0"
+            episodes, source = collected[quality]
+            datasets[dataset_id] = episodes
+            algorithm = "uniform random policy" if quality == "random" else "SAC (make_dataset.py)"
+            descriptions[dataset_id] = (algorithm, f"D4RL-style {env_name} {quality} data on {gym_id}: {source}; "
+                                                   f"made by make_dataset.py with seed {args.seed}")
+
+    # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
+    write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max)
+    print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {duration(time.time() - start_time)}")
+    print(summary_table(datasets, ref_min, ref_max))
+
+
+# ======================================================================================================================
+# The recipe ends here. Nothing below changes what is collected: the checks of flags and names, reading original
+# D4RL files, writing into the Minari store, run logs, progress and interrupts.
+# ======================================================================================================================
+
+
+# --- shared: checks, logs and progress ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
+             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
+    for fields, allowed, what in rules:
+        for field in fields:
+            value = getattr(args, field)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
+                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
+
+
+def check_writable(directory: str, flag_name: str):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
+    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+
+
+def exit_quietly_on_interrupt(exc_type, exc, traceback):
+    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    sys.__excepthook__(exc_type, exc, traceback)
+
+
+def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
+    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=settings, name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    days, seconds = divmod(seconds, 86_400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{days}d {clock}" if days else clock
+
+
+class Progress:
+    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
+    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.last_time, self.last_step = time.time(), 0
+
+    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
+        """Prints if it is time and returns the recent steps per second, else returns None."""
+        now = time.time()
+        if not (force or step == self.total or now - self.last_time >= self.every):
+            return None
+        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = duration((self.total - step) / sps) if sps > 0 else "?"
+        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
+        self.last_time, self.last_step = now, step
+        return sps
+# --- end shared ---
+
+
+# --- shared: dataset names ---
+# D4RL-style env name -> (Gymnasium id, D4RL reference random score, D4RL reference expert score).
+# Scores are D4RL's (Fu et al. 2020, d4rl/infos.py); None: measured by make_dataset.py.
+GYM_ENVS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
+    "ant": ("Ant-v5", -325.6, 3879.7),
+    "pendulum": ("Pendulum-v1", None, None),
+    "invertedpendulum": ("InvertedPendulum-v5", None, None),
+    "inverteddoublependulum": ("InvertedDoublePendulum-v5", None, None),
+}
+QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ADROIT_ENVS = ("pen", "door", "hammer", "relocate")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+)-v(?P<version>\d+)$")
+
+
+def parse_d4rl_name(name: str):
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); None when `name` is not D4RL-style."""
+    match = D4RL_NAME.match(name)
+    if match is None:
+        return None
+    env, quality = match["env"], match["quality"]
+    if env == "antmaze" and quality in ANTMAZE_TASKS:
+        return env, quality
+    if env in ADROIT_ENVS and quality in ADROIT_QUALITIES:
+        return env, quality
+    if env in GYM_ENVS and quality in QUALITIES:
+        return env, quality
+    return None
+
+
+def d4rl_version(env: str) -> int:
+    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
+    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
+    if env in ADROIT_ENVS:
+        return 1
+    if env == "antmaze" or GYM_ENVS[env][1] is not None:
+        return 2
+    return 0
+
+
+def version_error(name: str) -> Optional[str]:
+    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
+    parsed = parse_d4rl_name(name)
+    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
+        return None
+    env, quality = parsed
+    version = d4rl_version(env)
+    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
+
+
+LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
+ACCEPTED_IDS = (
+    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
+    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
+    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
+    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
+)
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+def check_args_and_store(args: Args) -> Path:
+    """Checks the flags and the Minari store before any work (and clears what a killed run left there)."""
+    check_numbers(args, positive=("transitions", "total_timesteps", "eval_freq", "eval_episodes", "ref_episodes",
+                                  "hidden_dims", "batch_size", "critic_lr", "actor_lr", "alpha_lr", "log_freq"),
+                  non_negative=("seed", "learning_starts"), unit_interval=("gamma", "tau"))
+    for field in ("medium_return", "expert_return"):
+        if getattr(args, field) is not None and not math.isfinite(getattr(args, field)):
+            fail(f"{flag(field)} is {getattr(args, field)} but must be a finite return")
+    store = minari_store()
+    check_writable(str(store), "MINARI_DATASETS_PATH")
+    recover_killed_writes(store)
+    return store
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+D4RL_LOCOMOTION = tuple(name for name, (_, ref_min, _) in GYM_ENVS.items() if ref_min is not None)
+
+
+STAGING_PREFIX = ".make_dataset-"  # hidden folders of the Minari store where new datasets are built
+
+
+def env_name_of(gym_id: str) -> str:
+    """`Hopper-v5` -> `hopper` (its name in GYM_ENVS); other ids lower-cased without version and punctuation."""
+    for name, (table_id, _, _) in GYM_ENVS.items():
+        if table_id == gym_id:
+            return name
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"-v\d+$", "", gym_id.split("/")[-1]).lower())
+
+
+def resolve_request(args: Args) -> Tuple[str, str, List[str]]:
+    """--env-id / --gym-id / --qualities -> (env name, Gymnasium id, qualities), with one-sentence errors."""
+    qualities = list(args.qualities)
+    if args.env_id is not None:
+        parsed = parse_d4rl_name(args.env_id)
+        if parsed is not None and parsed[0] not in GYM_ENVS:
+            # antmaze and adroit data come from D4RL's planners and human demonstrations, not from a SAC agent
+            port = f"D4RL/antmaze/{parsed[1]}-v1" if parsed[0] == "antmaze" else f"D4RL/{parsed[0]}/{parsed[1]}-v2"
+            fail(f"{args.env_id} cannot be generated here (D4RL made it with planners or human demonstrations); "
+                 f"use Minari's hosted port {port}, which `python pretrain_offline.py --env-id {args.env_id}` "
+                 f"downloads, or `minari download {port}`")
+        if parsed is None:
+            fail(f"make_dataset.py cannot make {args.env_id!r}; name it {{env}}-{{quality}}-v{{k}} with env in "
+                 f"{', '.join(GYM_ENVS)} and quality in {', '.join(QUALITIES)}, or pass --gym-id")
+        if version_error(args.env_id):
+            fail(version_error(args.env_id))
+        env_name, quality = parsed
+        gym_id = GYM_ENVS[env_name][0]
+        if args.gym_id is not None and args.gym_id != gym_id:
+            fail(f"--env-id {args.env_id} means {gym_id}, not --gym-id {args.gym_id}; pass only one of them")
+        qualities = [quality, *qualities]
+    elif args.gym_id is not None:
+        gym_id, env_name = args.gym_id, env_name_of(args.gym_id)
+        qualities = qualities or ["random", "medium", "medium-replay"]
+    else:
+        fail("say what to make: --env-id hopper-medium-v2, --gym-id Hopper-v5 --qualities ..., or --from-d4rl FILE")
+    unknown = [quality for quality in qualities if quality not in QUALITIES]
+    if unknown:
+        fail(f"unknown quality {unknown[0]!r}; choose from {', '.join(QUALITIES)}")
+    return env_name, gym_id, [quality for quality in QUALITIES if quality in qualities]
+
+
+def make_checked_env(gym_id: str, seed: int) -> gym.Env:
+    """make_env, with one-sentence errors for unknown ids and for spaces this script cannot handle."""
+    try:
+        env = make_env(gym_id, {}, seed)
+    except gym.error.Error as exc:
+        fail(f"{gym_id!r} is not a Gymnasium environment here ({type(exc).__name__}); pass an id such as Hopper-v5")
+    for what, space in (("actions", env.action_space), ("observations", env.observation_space)):
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+            fail(f"{gym_id} has {type(space).__name__} {what} of shape {space.shape}; make_dataset.py trains a SAC "
+                 f"agent, which needs continuous (Box) actions and flat Box observations")
+    return env
+
+
+def minari_store() -> Path:
+    """The Minari store's folder, as minari finds it, without minari's own makedirs (which would raise a traceback
+    on a blocked place)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+
+
+def check_free(dataset_ids: List[str], overwrite: bool):
+    """Refuses to replace an existing dataset unless --overwrite, before any time is spent."""
+    for dataset_id in dataset_ids:
+        if (minari_store() / dataset_id).exists() and not overwrite:
+            fail(f"{dataset_id} already exists in {minari_store()}; pass --overwrite to replace it")
+
+
+def check_reference_scores(gym_id: str, env_name: str, qualities: List[str], expert_return: Optional[float]):
+    """Every dataset stores reference scores; an env without D4RL's needs the trained agent's return or
+    --expert-return, so a run that trains no agent must be given it before anything is collected."""
+    if GYM_ENVS.get(env_name, (None, None))[1] is None and expert_return is None and qualities == ["random"]:
+        fail(f"{gym_id} has no D4RL reference scores and random data trains no agent whose return could serve as the "
+             f"expert reference; pass --expert-return R (a trained agent's return) or add a quality such as medium")
+
+
+def import_d4rl(args: Args, datasets: dict, descriptions: dict):
+    """--from-d4rl: the original file's transitions as d4rl/{env}/{quality}-v2; returns its gym id and D4RL's
+    reference scores."""
+    env_name, quality = d4rl_name_of(args.from_d4rl, args.env_id)
+    gym_id, ref_min, ref_max = GYM_ENVS[env_name]
+    dataset_id = f"d4rl/{env_name}/{quality}-v2"
+    check_free([dataset_id], args.overwrite)
+    raw = read_d4rl_file(args.from_d4rl)
+    env = make_checked_env(gym_id, args.seed)
+    for key, space in (("observations", env.observation_space), ("actions", env.action_space)):
+        if raw[key].ndim != 2 or raw[key].shape[1] != space.shape[0]:
+            fail(f"{args.from_d4rl} has {key} of shape {raw[key].shape[1:]} but {gym_id} has {space.shape}; "
+                 f"this file cannot be used on {gym_id}")
+    datasets[dataset_id] = to_episodes(d4rl_transitions(raw))
+    descriptions[dataset_id] = ("D4RL", f"D4RL's {env_name}-{quality}-v2 data imported from "
+                                        f"{os.path.basename(args.from_d4rl)}; D4RL's reference scores")
+    print(f"importing {args.from_d4rl} as {dataset_id} ({len(raw['rewards'])} transitions in the file)")
+    return gym_id, ref_min, ref_max
 
 
 # --- original D4RL files ---
@@ -873,121 +1015,4 @@ def summary_table(datasets: Dict[str, List[EpisodeBuffer]], ref_min: float, ref_
 
 if __name__ == "__main__":
     sys.excepthook = exit_quietly_on_interrupt
-    args = tyro.cli(Args)
-    start_time = time.time()
-    check_numbers(args, positive=("transitions", "total_timesteps", "eval_freq", "eval_episodes", "ref_episodes",
-                                  "hidden_dims", "batch_size", "critic_lr", "actor_lr", "alpha_lr", "log_freq"),
-                  non_negative=("seed", "learning_starts"), unit_interval=("gamma", "tau"))
-    for field in ("medium_return", "expert_return"):
-        if getattr(args, field) is not None and not math.isfinite(getattr(args, field)):
-            fail(f"{flag(field)} is {getattr(args, field)} but must be a finite return")
-    store = minari_store()
-    check_writable(str(store), "MINARI_DATASETS_PATH")
-    recover_killed_writes(store)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    datasets: Dict[str, List[EpisodeBuffer]] = {}  # dataset id -> episodes, in the order they are written
-    descriptions: Dict[str, Tuple[str, str]] = {}  # dataset id -> (algorithm name, description)
-
-    if args.from_d4rl is not None:
-        env_name, quality = d4rl_name_of(args.from_d4rl, args.env_id)
-        gym_id, ref_min, ref_max = GYM_ENVS[env_name]
-        dataset_id = f"d4rl/{env_name}/{quality}-v2"
-        check_free([dataset_id], args.overwrite)
-        raw = read_d4rl_file(args.from_d4rl)
-        env = make_checked_env(gym_id, args.seed)
-        for key, space in (("observations", env.observation_space), ("actions", env.action_space)):
-            if raw[key].ndim != 2 or raw[key].shape[1] != space.shape[0]:
-                fail(f"{args.from_d4rl} has {key} of shape {raw[key].shape[1:]} but {gym_id} has {space.shape}; "
-                     f"this file cannot be used on {gym_id}")
-        datasets[dataset_id] = to_episodes(d4rl_transitions(raw))
-        descriptions[dataset_id] = ("D4RL", f"D4RL's {env_name}-{quality}-v2 data imported from "
-                                            f"{os.path.basename(args.from_d4rl)}; D4RL's reference scores")
-        print(f"importing {args.from_d4rl} as {dataset_id} ({len(raw['rewards'])} transitions in the file)")
-    else:
-        env_name, gym_id, qualities = resolve_request(args)
-        check_free([f"local/{env_name}/{quality}-v0" for quality in qualities], args.overwrite)
-        env = make_checked_env(gym_id, args.seed)
-        check_reference_scores(gym_id, env_name, qualities, args.expert_return)
-        needs_agent = any(quality != "random" for quality in qualities)
-        if needs_agent:  # the behaviour agent's TensorBoard log, opened before any work so that it cannot fail after
-            check_writable(args.run_dir, "--run-dir")
-            run_name = f"{gym_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            writer = open_run_log(args, run_name, vars(args))
-        act_dim = env.action_space.shape[0]
-        print(f"making {', '.join(qualities)} for {gym_id} as local/{env_name}/{{quality}}-v0 on {device}")
-        _, ref_min, ref_max = GYM_ENVS.get(env_name, (gym_id, None, None))
-        if ref_min is None:
-            # [our choice] envs without D4RL scores: the uniform random policy's measured mean return is the
-            # reference minimum, and the trained agent's measured return (or --expert-return) the maximum.
-            random_returns, _, _ = evaluate(UniformRandomPolicy(act_dim, args.seed + 1), make_checked_env(gym_id, 0),
-                                            0.0, 1.0, args.ref_episodes, args.seed + 20_000, device)
-            ref_min = float(random_returns.mean())
-            print(f"random policy: mean return {ref_min:.1f} over {args.ref_episodes} episodes (reference minimum)")
-            ref_max = args.expert_return
-        medium_return = args.medium_return
-        if medium_return is None and ref_max is not None:
-            medium_return = ref_min + (ref_max - ref_min) / 3.0
-        needs_expert = "expert" in qualities or "medium-expert" in qualities or ref_max is None
-
-        if needs_agent:
-            eval_env = make_checked_env(gym_id, args.seed + 10_000)
-            print(f"[sac] training the behaviour agent, logging to {os.path.join(args.run_dir, run_name)}", flush=True)
-            actor, replay, snapshots = train_behaviour_agent(args, make_checked_env(gym_id, args.seed), eval_env,
-                                                             None if needs_expert else medium_return, writer, device)
-            final_step, final_return, _ = snapshots[-1]
-            if ref_max is None:
-                expert_returns, _, _ = evaluate(actor, eval_env, 0.0, 1.0, args.ref_episodes, args.seed + 30_000,
-                                                device)
-                ref_max = float(expert_returns.mean())
-                print(f"trained agent: mean return {ref_max:.1f} over {args.ref_episodes} episodes (reference maximum)")
-                if ref_max <= ref_min:
-                    print("warning: the trained agent is no better than the random policy, so normalized scores mean "
-                          "nothing; raise --total-timesteps or pass --expert-return")
-            if medium_return is None:
-                medium_return = ref_min + (ref_max - ref_min) / 3.0
-            medium_step, medium_eval, medium_weights = medium_snapshot(snapshots, medium_return)
-            print(f"behaviour agent: medium snapshot at step {medium_step} (eval return {medium_eval:.1f}, normalized "
-                  f"{normalized_score(medium_eval, ref_min, ref_max):.1f}); last evaluation at step {final_step}: "
-                  f"return {final_return:.1f} (normalized {normalized_score(final_return, ref_min, ref_max):.1f})")
-            medium_actor = copy.deepcopy(actor)
-            medium_actor.load_state_dict(medium_weights)
-        low, high = env.action_space.low, env.action_space.high
-
-        collected = {}
-        for quality in ("random", "medium", "expert"):
-            if quality in qualities or (quality != "random" and "medium-expert" in qualities):
-                if quality == "random":
-                    policy, deterministic = UniformRandomPolicy(act_dim, args.seed + 2), False
-                    source = "uniform random actions"
-                elif quality == "medium":
-                    policy, deterministic = medium_actor, args.collect_deterministic
-                    source = f"the SAC snapshot at step {medium_step} (evaluation return {medium_eval:.1f})"
-                else:
-                    policy, deterministic = actor, args.collect_deterministic
-                    source = f"the SAC agent after {final_step} steps (evaluation return {final_return:.1f})"
-                seed = args.seed + 100 * (1 + ("random", "medium", "expert").index(quality))
-                data = collect(make_checked_env(gym_id, seed), policy, args.transitions, deterministic, seed,
-                               quality, device)
-                collected[quality] = (to_episodes(data), source)
-        if "medium-replay" in qualities:
-            collected["medium-replay"] = (to_episodes(replay.arrays(medium_step, low, high)),
-                                          f"every transition of the SAC replay buffer up to step {medium_step}")
-        if "medium-expert" in qualities:
-            collected["medium-expert"] = (collected["medium"][0] + collected["expert"][0],
-                                          f"medium ({collected['medium'][1]}) followed by expert "
-                                          f"({collected['expert'][1]})")
-        for quality in qualities:
-            dataset_id = f"local/{env_name}/{quality}-v0"
-            episodes, source = collected[quality]
-            datasets[dataset_id] = episodes
-            algorithm = "uniform random policy" if quality == "random" else "SAC (make_dataset.py)"
-            descriptions[dataset_id] = (algorithm, f"D4RL-style {env_name} {quality} data on {gym_id}: {source}; "
-                                                   f"made by make_dataset.py with seed {args.seed}")
-
-    # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
-    write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max)
-    print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {duration(time.time() - start_time)}")
-    print(summary_table(datasets, ref_min, ref_max))
+    main(tyro.cli(Args))

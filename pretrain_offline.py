@@ -17,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
-
 import gymnasium as gym
 import numpy as np
 import torch
@@ -106,76 +105,7 @@ class Args:
     """sets torch.backends.cudnn.deterministic"""
 
 
-# --- shared: dataset names ---
-# D4RL-style env name -> (Gymnasium id, D4RL reference random score, D4RL reference expert score).
-# Scores are D4RL's (Fu et al. 2020, d4rl/infos.py); None: measured by make_dataset.py.
-GYM_ENVS = {
-    "hopper": ("Hopper-v5", -20.272305, 3234.3),
-    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
-    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
-    "ant": ("Ant-v5", -325.6, 3879.7),
-    "pendulum": ("Pendulum-v1", None, None),
-    "invertedpendulum": ("InvertedPendulum-v5", None, None),
-    "inverteddoublependulum": ("InvertedDoublePendulum-v5", None, None),
-}
-QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
-ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-ADROIT_ENVS = ("pen", "door", "hammer", "relocate")
-ADROIT_QUALITIES = ("human", "cloned", "expert")
-D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+)-v(?P<version>\d+)$")
-
-
-def parse_d4rl_name(name: str):
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); None when `name` is not D4RL-style."""
-    match = D4RL_NAME.match(name)
-    if match is None:
-        return None
-    env, quality = match["env"], match["quality"]
-    if env == "antmaze" and quality in ANTMAZE_TASKS:
-        return env, quality
-    if env in ADROIT_ENVS and quality in ADROIT_QUALITIES:
-        return env, quality
-    if env in GYM_ENVS and quality in QUALITIES:
-        return env, quality
-    return None
-
-
-def d4rl_version(env: str) -> int:
-    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
-    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
-    if env in ADROIT_ENVS:
-        return 1
-    if env == "antmaze" or GYM_ENVS[env][1] is not None:
-        return 2
-    return 0
-
-
-def version_error(name: str) -> Optional[str]:
-    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
-    parsed = parse_d4rl_name(name)
-    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
-        return None
-    env, quality = parsed
-    version = d4rl_version(env)
-    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
-
-
-LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
-ACCEPTED_IDS = (
-    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
-    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
-    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
-    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
-)
-# --- end shared ---
-
-
 # --- shared: environment ---
-def fail(message: str):
-    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
-    raise SystemExit(f"error: {message}")
-
-
 def flatten_obs(obs):
     """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
     is in achieved_goal, so leaving it out would blind the policy."""
@@ -197,85 +127,6 @@ def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The networks act in [-1, 1]; the environment gets [low, high]."""
     return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
-# --- end shared ---
-
-
-# --- shared: checks, logs and progress ---
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
-    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
-             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
-    for fields, allowed, what in rules:
-        for field in fields:
-            value = getattr(args, field)
-            values = list(value) if isinstance(value, (tuple, list)) else [value]
-            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
-                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
-
-
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
-
-
-def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
-    if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    sys.__excepthook__(exc_type, exc, traceback)
-
-
-def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
-    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-    return writer
-
-
-def duration(seconds: float) -> str:
-    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
-    seconds = int(seconds) if math.isfinite(seconds) else 0
-    days, seconds = divmod(seconds, 86_400)
-    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
-    return f"{days}d {clock}" if days else clock
-
-
-class Progress:
-    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
-    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.last_time, self.last_step = time.time(), 0
-
-    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
-        """Prints if it is time and returns the recent steps per second, else returns None."""
-        now = time.time()
-        if not (force or step == self.total or now - self.last_time >= self.every):
-            return None
-        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = duration((self.total - step) / sps) if sps > 0 else "?"
-        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
-        self.last_time, self.last_step = now, step
-        return sps
 # --- end shared ---
 
 
@@ -476,135 +327,434 @@ def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, acti
 # --- end shared ---
 
 
-# --- shared: checkpoint I/O ---
-CHECKPOINT_FORMAT = "samg-offline-1"
-CHECKPOINT_KEYS = (
-    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
-    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
-    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
-)
+# --- the offline algorithms: one update function each, on a batch of tensors ---
+# Written for speed without changing what is computed: one critic call per loss, one actor pass per state for all
+# the samples the update needs, actor losses whose backward stops at the actor (no wasted gradient for the critics'
+# weights), fused Adam, targets moved with one fused lerp, and no host sync (.item()) inside an update.
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-def save_checkpoint(payload: dict, path: str):
-    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(payload, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+def cql_update(step, batch, nets, opts, args):
+    """Conservative Q-learning (SAC-based): TD loss + cql_alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
+    batch_size, act_dim, n = obs.shape[0], actions.shape[1], args.cql_n_actions
+    with torch.no_grad():
+        next_actions = actor(next_obs)[0]  # a' ~ pi(s') for the backup
+        # n samples of pi at s and at s' for the logsumexp, from one pass of the actor per state
+        policy_actions, policy_log_prob, _ = actor(torch.cat([obs, next_obs]), samples_per_state=n)
+        repeated_obs = obs.repeat_interleave(n, 0)
+        target_q = critic_target(next_obs, next_actions).min(0).values  # no entropy term in the offline backup
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+        random_actions = torch.empty_like(policy_actions[: batch_size * n]).uniform_(-1.0, 1.0)
+        # importance weights: uniform density on [-1, 1]^A, and the policy's own density for its samples
+        log_density = torch.cat([torch.full((batch_size * n,), -act_dim * math.log(2.0), device=obs.device),
+                                 policy_log_prob]).view(3, batch_size, n)
+    # one critic call: the data actions and the 3 n sampled actions of every state
+    q_all = critic(torch.cat([obs, repeated_obs.repeat(3, 1)]), torch.cat([actions, random_actions, policy_actions]))
+    q_data, sampled_q = q_all[:, :batch_size], q_all[:, batch_size:]
+    sampled_q = (sampled_q.view(-1, 3, batch_size, n) - log_density).permute(0, 2, 1, 3).flatten(2)
+    logsumexp_q = torch.logsumexp(sampled_q / args.cql_temperature, dim=-1) * args.cql_temperature
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
+    conservative_loss = args.cql_alpha * (logsumexp_q - q_data).mean(1).sum()
+    opts["critic"].zero_grad()
+    (td_loss + conservative_loss).backward()
+    opts["critic"].step()
+
+    new_actions, log_prob, _ = actor(obs)
+    alpha = log_alpha.exp().detach()
+    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
+    opts["actor"].zero_grad()
+    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
+    opts["actor"].step()
+    alpha_loss = -(log_alpha * (log_prob.detach() + nets["target_entropy"])).mean()
+    opts["alpha"].zero_grad()
+    alpha_loss.backward()
+    opts["alpha"].step()
+    soft_update(critic_target, critic, args.tau)
+    num_critics = q_data.shape[0]  # losses are logged as the mean over critics, as CleanRL logs them
+    return {"losses/qf_loss": td_loss.detach() / num_critics,
+            "losses/cql_loss": conservative_loss.detach() / num_critics, "losses/actor_loss": actor_loss.detach(),
+            "losses/alpha": alpha, "losses/qf_values": q_data.detach().mean()}
 
 
-def load_checkpoint(path: str, algo: str) -> dict:
-    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
-    if checkpoint["algo"] != algo:
-        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
-             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
-    check_checkpoint_fields(checkpoint, path)
-    return checkpoint
+def td3bc_update(step, batch, nets, opts, args):
+    """TD3+BC: TD3's critic; actor maximises lambda * Q(s, pi(s)) - (pi(s) - a)^2 with lambda = alpha / mean|Q|."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic = nets["actor"], nets["critic"]
+    with torch.no_grad():
+        noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        next_actions = (nets["actor_target"](next_obs) + noise).clamp(-1.0, 1.0)
+        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    metrics = {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/qf_values": q_data.detach().mean()}
+    if step % args.policy_freq == 0:
+        policy_actions = actor(obs)
+        q_policy = critic(obs, policy_actions)[0]
+        lmbda = args.td3bc_alpha / q_policy.abs().mean().detach()
+        actor_loss = -lmbda * q_policy.mean() + F.mse_loss(policy_actions, actions)
+        opts["actor"].zero_grad()
+        actor_loss.backward(inputs=list(actor.parameters()))  # no gradient into the critic's weights
+        opts["actor"].step()
+        soft_update(nets["actor_target"], actor, args.tau)
+        soft_update(nets["critic_target"], critic, args.tau)
+        metrics["losses/actor_loss"] = actor_loss.detach()
+    return metrics
 
 
-def check_checkpoint_fields(checkpoint: dict, path: str):
-    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
-    checkpoint is one sentence here instead of a traceback or silent nan later."""
-    def bad(key: str, what: str):
-        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
-
-    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
-        try:
-            value = torch.as_tensor(value, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            bad(key, "not numbers")
-        if shape is not None and tuple(value.shape) != shape:
-            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
-        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
-            bad(key, "values that are not finite" + (" and positive" if positive else ""))
-        return value
-
-    for key in ("obs_dim", "act_dim", "latent_dim"):
-        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
-            bad(key, f"{checkpoint[key]!r} is not a positive integer")
-    hidden = checkpoint["hidden_dims"]
-    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
-        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
-    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
-        bad("gym_id or gym_kwargs", "not a string and a dict")
-    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
-    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
-    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
-    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
-                                                                                  checkpoint["action_high"], (act_dim,))
-    if not (low < high).all():
-        bad("action_low", "not below action_high everywhere")
-    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
-        tensor(key, checkpoint[key], ())
-    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
-        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
-    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
-        bad("log_alpha", "not a single number")
-    calibration = checkpoint["cvae_calibration"]
-    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
-        bad("cvae_calibration", "no neg_elbo_quantiles")
-    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
-    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
-        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
-    if "reservoir_obs" in calibration:
-        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
-        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
-        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
-        if count < 2:
-            bad("reservoir_obs", "fewer than two pairs")
+def awac_update(step, batch, nets, opts, args):
+    """AWAC: SAC-style critic with a' ~ pi(s'); actor = regression on dataset actions weighted by exp(A / lambda)."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic = nets["actor"], nets["critic"]
+    batch_size = obs.shape[0]
+    with torch.no_grad():  # one actor call: a' ~ pi(s') for the backup and a ~ pi(s) for the advantage's baseline
+        sampled = actor.act(torch.cat([next_obs, obs]), deterministic=False)
+        next_actions, policy_actions = sampled[:batch_size], sampled[batch_size:]
+        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * target_q
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    with torch.no_grad():
+        value = critic(obs, policy_actions).min(0).values
+        advantage = q_data.detach().min(0).values - value
+        weights = torch.exp(advantage / args.awac_lambda).clamp(max=args.awac_max_weight)
+    actor_loss = -(actor.log_prob(obs, actions) * weights).mean()
+    opts["actor"].zero_grad()
+    actor_loss.backward()
+    opts["actor"].step()
+    soft_update(nets["critic_target"], critic, args.tau)
+    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/actor_loss": actor_loss.detach(),
+            "losses/qf_values": q_data.detach().mean()}
 
 
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
-    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
-             "pretrain_offline.py")
-# --- end shared ---
+def iql_update(step, batch, nets, opts, args):
+    """IQL: V regresses to an upper expectile of the target critics' Q at the data's actions; the critics regress
+    to r + gamma V(s'); the actor to the data's actions weighted by exp(beta (Q - V)). No action outside the data
+    is ever evaluated."""
+    obs, actions, rewards, next_obs, dones = batch
+    actor, critic, value = nets["actor"], nets["critic"], nets["value"]
+    with torch.no_grad():
+        target_q = nets["critic_target"](obs, actions).min(0).values
+        td_target = rewards + args.gamma * (1.0 - dones) * value(next_obs)
+    advantage = target_q - value(obs)
+    value_loss = expectile_loss(advantage, args.iql_expectile)
+    opts["value"].zero_grad()
+    value_loss.backward()
+    opts["value"].step()
+    q_data = critic(obs, actions)
+    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
+    opts["critic"].zero_grad()
+    td_loss.backward()
+    opts["critic"].step()
+    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage.detach(), args.iql_beta,
+                                               args.iql_max_weight)
+    opts["actor"].zero_grad()
+    actor_loss.backward()
+    opts["actor"].step()
+    soft_update(nets["critic_target"], critic, args.tau)
+    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/value_loss": value_loss.detach(),
+            "losses/actor_loss": actor_loss.detach(), "losses/qf_values": q_data.detach().mean()}
 
 
-# --- shared: evaluation ---
+def cvae_update(cvae: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.Tensor, actions: torch.Tensor):
+    loss = cvae_loss(cvae, obs, actions)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor, "iql": GaussianActor}
+
+
+UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update, "iql": iql_update}
+
+
+def build_learner(args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    """The networks (actor, critics, their targets, the C-VAE) and their fused Adam optimizers."""
+    hidden = list(args.hidden_dims)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)  # noqa: E731  (one kernel per step)
+    actor = ACTORS[args.algo](obs_dim, act_dim, hidden).to(device)
+    critic = CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)
+    nets = {"actor": actor, "critic": critic, "cvae": CVAE(obs_dim, act_dim, args.latent_dim, hidden).to(device),
+            "critic_target": CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)}
+    nets["critic_target"].load_state_dict(critic.state_dict())
+    opts = {"actor": adam(actor.parameters(), args.actor_lr), "critic": adam(critic.parameters(), args.critic_lr),
+            "cvae": adam(nets["cvae"].parameters(), args.cvae_lr)}
+    if args.algo == "cql":
+        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
+        nets["target_entropy"] = -float(act_dim)
+        opts["alpha"] = adam([nets["log_alpha"]], args.critic_lr)
+    if args.algo == "td3bc":
+        nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
+        nets["actor_target"].load_state_dict(actor.state_dict())
+    if args.algo == "iql":  # the state value V(s), learnt at the critics' learning rate as in IQL and CORL
+        nets["value"] = StateValue(obs_dim, hidden).to(device)
+        opts["value"] = adam(nets["value"].parameters(), args.critic_lr)
+    return nets, opts
+
+
 @torch.no_grad()
-def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
-             device: torch.device):
-    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
-    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
-    low, high = env.action_space.low, env.action_space.high
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
-            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
-            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
-            returns[episode] += float(reward)
-            lengths[episode] += 1
-            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
-            done = terminated or truncated
-    return returns, lengths, successes
+def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_samples: int = 100_000,
+                   reservoir_size: int = 2048) -> dict:
+    """What the elbo estimator needs: 1001 quantiles of the offline negative ELBO (sorted), and a reservoir of
+    offline pairs (normalised as the networks see them) that the online scripts re-rank against after C-VAE updates;
+    the reservoir never trains anything."""
+    index = torch.randperm(obs.shape[0], device=obs.device)[:max_samples]
+    scores = torch.cat([negative_elbo(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
+    quantiles = torch.quantile(scores, torch.linspace(0, 1, 1001, device=scores.device))
+    reservoir = torch.randperm(obs.shape[0], device=obs.device)[:reservoir_size]
+    return {"neg_elbo_quantiles": quantiles.cpu().contiguous(),
+            "reservoir_obs": obs[reservoir].float().cpu().contiguous(),
+            "reservoir_actions": actions[reservoir].float().cpu().contiguous()}
 
 
-def normalized_score(returns, ref_min_score: float, ref_max_score: float):
-    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
-    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+def main(args: Args):
+    dataset_id, data, checkpoint_path = check_args_and_read_dataset(args)
+    goal_task, dexterous_task = data["gym_id"].startswith("AntMaze"), data["gym_id"].startswith("Adroit")
+    args.actor_lr = args.actor_lr if args.actor_lr is not None else (1e-4 if args.algo == "cql" else 3e-4)
+    args.cql_alpha = args.cql_alpha if args.cql_alpha is not None else (10.0 if goal_task else 5.0)
+    args.awac_lambda = args.awac_lambda if args.awac_lambda is not None else (
+        0.1 if goal_task or dexterous_task else 1.0)
+    # IQL: CORL's values for locomotion and antmaze [our choice of CORL's values]
+    args.iql_expectile = args.iql_expectile if args.iql_expectile is not None else (0.9 if goal_task else 0.7)
+    args.iql_beta = args.iql_beta if args.iql_beta is not None else (10.0 if goal_task else 3.0)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    args.latent_dim = args.latent_dim or 2 * act_dim
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}_{args.algo}__{args.seed}__{int(time.time())}"
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    eval_env = make_env(data["gym_id"], data["gym_kwargs"], args.seed)
+    env_obs_dim = flatten_obs(eval_env.reset(seed=args.seed)[0]).shape[-1]
+    if env_obs_dim != obs_dim or eval_env.action_space.shape != (act_dim,):
+        fail(f"dataset {dataset_id} has {obs_dim}-dim states and {act_dim}-dim actions but {data['gym_id']} has "
+             f"{env_obs_dim} and {eval_env.action_space.shape}; the dataset records the wrong environment")
+
+    # states normalised with the dataset statistics; actions mapped to [-1, 1]; antmaze rewards shifted by -1
+    obs_mean = data["observations"].mean(0)
+    obs_std = data["observations"].std(0) + 1e-3
+    reward_scale, reward_bias = 1.0, (-1.0 if goal_task else 0.0)
+    low, high = data["action_low"], data["action_high"]
+    to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+    obs_t = to_tensor((data["observations"] - obs_mean) / obs_std)
+    next_obs_t = to_tensor((data["next_observations"] - obs_mean) / obs_std)
+    actions_t = to_tensor(np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1.0, 1.0))
+    rewards_t = to_tensor(data["rewards"] * reward_scale + reward_bias)
+    dones_t = to_tensor(data["terminals"])
+    num_transitions = obs_t.shape[0]
+    print(f"{num_transitions} transitions, obs dim {obs_dim}, action dim {act_dim}, env {data['gym_id']}")
+
+    nets, opts = build_learner(args, obs_dim, act_dim, device)
+    actor, cvae = nets["actor"], nets["cvae"]
+
+    writer = open_run_log(args, run_name, {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]})
+
+    def run_evaluation(step: int) -> float:
+        returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + 10_000,
+                                         device)
+        score = float(normalized_score(returns, data["ref_min_score"], data["ref_max_score"]).mean())
+        writer.add_scalar("eval/return", returns.mean(), step)
+        writer.add_scalar("eval/normalized_score", score, step)
+        if goal_task:
+            writer.add_scalar("eval/success", successes.mean(), step)
+        return score
+
+    total_steps = max(args.total_steps, args.cvae_steps)
+    progress, start_time, score, step = Progress(total_steps), time.time(), float("nan"), 0
+    try:
+        for step in range(1, total_steps + 1):
+            index = torch.randint(0, num_transitions, (args.batch_size,), device=device)
+            batch = (obs_t[index], actions_t[index], rewards_t[index], next_obs_t[index], dones_t[index])
+            metrics = UPDATES[args.algo](step, batch, nets, opts, args) if step <= args.total_steps else {}
+            if step <= args.cvae_steps:
+                metrics["samg/cvae_loss"] = cvae_update(cvae, opts["cvae"], batch[0], batch[1])
+            if step % 1000 == 0 or step == total_steps:  # the only host syncs: logging steps
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value.item(), step)
+                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
+            if step % args.eval_freq == 0 or step == total_steps:
+                score = run_evaluation(step)
+            progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
+    except KeyboardInterrupt:
+        writer.close()
+        print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); the TensorBoard "
+              f"log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    calibration = calibrate_cvae(cvae, obs_t, actions_t)  # what p is ranked against online
+    write_checkpoint(checkpoint_path, args, dataset_id, data, nets, calibration, score,
+                     dict(obs_mean=obs_mean, obs_std=obs_std, reward_scale=reward_scale, reward_bias=reward_bias))
+    writer.close()
+    print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")
+
+
+# ======================================================================================================================
+# The algorithm ends here. Nothing below changes what is learned: the checks of flags and paths, dataset names and
+# their resolution, reading the dataset, the checkpoint file, run logs, progress and interrupts.
+# ======================================================================================================================
+
+
+# --- shared: checks, logs and progress ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
+             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
+    for fields, allowed, what in rules:
+        for field in fields:
+            value = getattr(args, field)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
+                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
+
+
+def check_writable(directory: str, flag_name: str):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
+    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+
+
+def exit_quietly_on_interrupt(exc_type, exc, traceback):
+    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    sys.__excepthook__(exc_type, exc, traceback)
+
+
+def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
+    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=settings, name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    days, seconds = divmod(seconds, 86_400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{days}d {clock}" if days else clock
+
+
+class Progress:
+    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
+    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.last_time, self.last_step = time.time(), 0
+
+    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
+        """Prints if it is time and returns the recent steps per second, else returns None."""
+        now = time.time()
+        if not (force or step == self.total or now - self.last_time >= self.every):
+            return None
+        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = duration((self.total - step) / sps) if sps > 0 else "?"
+        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
+        self.last_time, self.last_step = now, step
+        return sps
 # --- end shared ---
 
+
+# --- shared: dataset names ---
+# D4RL-style env name -> (Gymnasium id, D4RL reference random score, D4RL reference expert score).
+# Scores are D4RL's (Fu et al. 2020, d4rl/infos.py); None: measured by make_dataset.py.
+GYM_ENVS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
+    "ant": ("Ant-v5", -325.6, 3879.7),
+    "pendulum": ("Pendulum-v1", None, None),
+    "invertedpendulum": ("InvertedPendulum-v5", None, None),
+    "inverteddoublependulum": ("InvertedDoublePendulum-v5", None, None),
+}
+QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ADROIT_ENVS = ("pen", "door", "hammer", "relocate")
+ADROIT_QUALITIES = ("human", "cloned", "expert")
+D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+)-v(?P<version>\d+)$")
+
+
+def parse_d4rl_name(name: str):
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); None when `name` is not D4RL-style."""
+    match = D4RL_NAME.match(name)
+    if match is None:
+        return None
+    env, quality = match["env"], match["quality"]
+    if env == "antmaze" and quality in ANTMAZE_TASKS:
+        return env, quality
+    if env in ADROIT_ENVS and quality in ADROIT_QUALITIES:
+        return env, quality
+    if env in GYM_ENVS and quality in QUALITIES:
+        return env, quality
+    return None
+
+
+def d4rl_version(env: str) -> int:
+    """The version a D4RL-style name carries: v2 for D4RL's gym locomotion and antmaze (as in D4RL), v1 for adroit
+    (D4RL's adroit names), v0 for the envs that only make_dataset.py makes (no D4RL dataset exists)."""
+    if env in ADROIT_ENVS:
+        return 1
+    if env == "antmaze" or GYM_ENVS[env][1] is not None:
+        return 2
+    return 0
+
+
+def version_error(name: str) -> Optional[str]:
+    """One sentence when a D4RL-style `name` carries another version than its env's (`hopper-medium-v9`), else None."""
+    parsed = parse_d4rl_name(name)
+    if parsed is None or int(D4RL_NAME.match(name)["version"]) == d4rl_version(parsed[0]):
+        return None
+    env, quality = parsed
+    version = d4rl_version(env)
+    return f"{name} has an unknown version; {env} datasets are named -v{version} ({env}-{quality}-v{version})"
+
+
+LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
+ACCEPTED_IDS = (
+    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
+    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
+    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
+    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
+)
+# --- end shared ---
 
 
 # --- dataset resolution: --env-id -> a local Minari dataset id ---
@@ -775,10 +925,10 @@ def comparability_warning(env_id: str, dataset_id: str) -> Optional[str]:
             "(import the original file with make_dataset.py --from-d4rl for that)")
 
 
-# --- shared: offline dataset ---
-def load_dataset(dataset_id: str) -> dict:
-    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
-    checkpoint records (environment, action bounds, reference scores)."""
+# --- shared: offline transitions ---
+def read_transitions(dataset_id: str):
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated), checked finite;
+    returns them and the open dataset."""
     import minari
 
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
@@ -804,6 +954,15 @@ def load_dataset(dataset_id: str) -> dict:
     for key, value in data.items():
         if not np.isfinite(value).all():
             fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    return data, dataset
+# --- end shared ---
+
+
+def load_dataset(dataset_id: str) -> dict:
+    """The dataset's transitions (read_transitions) and the facts the checkpoint records (environment, action
+    bounds, reference scores)."""
+    data, dataset = read_transitions(dataset_id)
+    space = dataset.spec.action_space
     try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
         recovered = dataset.recover_environment(eval_env=True)
         env_spec = recovered.spec
@@ -823,210 +982,18 @@ def load_dataset(dataset_id: str) -> dict:
                 action_low=np.asarray(space.low, dtype=np.float32),
                 action_high=np.asarray(space.high, dtype=np.float32),
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
-# --- end shared ---
 
 
-# --- the offline algorithms: one update function each, on a batch of tensors ---
-# Written for speed without changing what is computed: one critic call per loss, one actor pass per state for all
-# the samples the update needs, actor losses whose backward stops at the actor (no wasted gradient for the critics'
-# weights), fused Adam, targets moved with one fused lerp, and no host sync (.item()) inside an update.
-def soft_update(target: nn.Module, source: nn.Module, tau: float):
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
-
-
-def cql_update(step, batch, nets, opts, args):
-    """Conservative Q-learning (SAC-based): TD loss + cql_alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
-    obs, actions, rewards, next_obs, dones = batch
-    actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
-    batch_size, act_dim, n = obs.shape[0], actions.shape[1], args.cql_n_actions
-    with torch.no_grad():
-        next_actions = actor(next_obs)[0]  # a' ~ pi(s') for the backup
-        # n samples of pi at s and at s' for the logsumexp, from one pass of the actor per state
-        policy_actions, policy_log_prob, _ = actor(torch.cat([obs, next_obs]), samples_per_state=n)
-        repeated_obs = obs.repeat_interleave(n, 0)
-        target_q = critic_target(next_obs, next_actions).min(0).values  # no entropy term in the offline backup
-        td_target = rewards + args.gamma * (1.0 - dones) * target_q
-        random_actions = torch.empty_like(policy_actions[: batch_size * n]).uniform_(-1.0, 1.0)
-        # importance weights: uniform density on [-1, 1]^A, and the policy's own density for its samples
-        log_density = torch.cat([torch.full((batch_size * n,), -act_dim * math.log(2.0), device=obs.device),
-                                 policy_log_prob]).view(3, batch_size, n)
-    # one critic call: the data actions and the 3 n sampled actions of every state
-    q_all = critic(torch.cat([obs, repeated_obs.repeat(3, 1)]), torch.cat([actions, random_actions, policy_actions]))
-    q_data, sampled_q = q_all[:, :batch_size], q_all[:, batch_size:]
-    sampled_q = (sampled_q.view(-1, 3, batch_size, n) - log_density).permute(0, 2, 1, 3).flatten(2)
-    logsumexp_q = torch.logsumexp(sampled_q / args.cql_temperature, dim=-1) * args.cql_temperature
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
-    conservative_loss = args.cql_alpha * (logsumexp_q - q_data).mean(1).sum()
-    opts["critic"].zero_grad()
-    (td_loss + conservative_loss).backward()
-    opts["critic"].step()
-
-    new_actions, log_prob, _ = actor(obs)
-    alpha = log_alpha.exp().detach()
-    actor_loss = (alpha * log_prob - critic(obs, new_actions).min(0).values).mean()
-    opts["actor"].zero_grad()
-    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
-    opts["actor"].step()
-    alpha_loss = -(log_alpha * (log_prob.detach() + nets["target_entropy"])).mean()
-    opts["alpha"].zero_grad()
-    alpha_loss.backward()
-    opts["alpha"].step()
-    soft_update(critic_target, critic, args.tau)
-    num_critics = q_data.shape[0]  # losses are logged as the mean over critics, as CleanRL logs them
-    return {"losses/qf_loss": td_loss.detach() / num_critics,
-            "losses/cql_loss": conservative_loss.detach() / num_critics, "losses/actor_loss": actor_loss.detach(),
-            "losses/alpha": alpha, "losses/qf_values": q_data.detach().mean()}
-
-
-def td3bc_update(step, batch, nets, opts, args):
-    """TD3+BC: TD3's critic; actor maximises lambda * Q(s, pi(s)) - (pi(s) - a)^2 with lambda = alpha / mean|Q|."""
-    obs, actions, rewards, next_obs, dones = batch
-    actor, critic = nets["actor"], nets["critic"]
-    with torch.no_grad():
-        noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-        next_actions = (nets["actor_target"](next_obs) + noise).clamp(-1.0, 1.0)
-        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
-        td_target = rewards + args.gamma * (1.0 - dones) * target_q
-    q_data = critic(obs, actions)
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
-    opts["critic"].zero_grad()
-    td_loss.backward()
-    opts["critic"].step()
-    metrics = {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/qf_values": q_data.detach().mean()}
-    if step % args.policy_freq == 0:
-        policy_actions = actor(obs)
-        q_policy = critic(obs, policy_actions)[0]
-        lmbda = args.td3bc_alpha / q_policy.abs().mean().detach()
-        actor_loss = -lmbda * q_policy.mean() + F.mse_loss(policy_actions, actions)
-        opts["actor"].zero_grad()
-        actor_loss.backward(inputs=list(actor.parameters()))  # no gradient into the critic's weights
-        opts["actor"].step()
-        soft_update(nets["actor_target"], actor, args.tau)
-        soft_update(nets["critic_target"], critic, args.tau)
-        metrics["losses/actor_loss"] = actor_loss.detach()
-    return metrics
-
-
-def awac_update(step, batch, nets, opts, args):
-    """AWAC: SAC-style critic with a' ~ pi(s'); actor = regression on dataset actions weighted by exp(A / lambda)."""
-    obs, actions, rewards, next_obs, dones = batch
-    actor, critic = nets["actor"], nets["critic"]
-    batch_size = obs.shape[0]
-    with torch.no_grad():  # one actor call: a' ~ pi(s') for the backup and a ~ pi(s) for the advantage's baseline
-        sampled = actor.act(torch.cat([next_obs, obs]), deterministic=False)
-        next_actions, policy_actions = sampled[:batch_size], sampled[batch_size:]
-        target_q = nets["critic_target"](next_obs, next_actions).min(0).values
-        td_target = rewards + args.gamma * (1.0 - dones) * target_q
-    q_data = critic(obs, actions)
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
-    opts["critic"].zero_grad()
-    td_loss.backward()
-    opts["critic"].step()
-    with torch.no_grad():
-        value = critic(obs, policy_actions).min(0).values
-        advantage = q_data.detach().min(0).values - value
-        weights = torch.exp(advantage / args.awac_lambda).clamp(max=args.awac_max_weight)
-    actor_loss = -(actor.log_prob(obs, actions) * weights).mean()
-    opts["actor"].zero_grad()
-    actor_loss.backward()
-    opts["actor"].step()
-    soft_update(nets["critic_target"], critic, args.tau)
-    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/actor_loss": actor_loss.detach(),
-            "losses/qf_values": q_data.detach().mean()}
-
-
-def iql_update(step, batch, nets, opts, args):
-    """IQL: V regresses to an upper expectile of the target critics' Q at the data's actions; the critics regress
-    to r + gamma V(s'); the actor to the data's actions weighted by exp(beta (Q - V)). No action outside the data
-    is ever evaluated."""
-    obs, actions, rewards, next_obs, dones = batch
-    actor, critic, value = nets["actor"], nets["critic"], nets["value"]
-    with torch.no_grad():
-        target_q = nets["critic_target"](obs, actions).min(0).values
-        td_target = rewards + args.gamma * (1.0 - dones) * value(next_obs)
-    advantage = target_q - value(obs)
-    value_loss = expectile_loss(advantage, args.iql_expectile)
-    opts["value"].zero_grad()
-    value_loss.backward()
-    opts["value"].step()
-    q_data = critic(obs, actions)
-    td_loss = (q_data - td_target).pow(2).mean(1).sum()  # each critic's own MSE
-    opts["critic"].zero_grad()
-    td_loss.backward()
-    opts["critic"].step()
-    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage.detach(), args.iql_beta,
-                                               args.iql_max_weight)
-    opts["actor"].zero_grad()
-    actor_loss.backward()
-    opts["actor"].step()
-    soft_update(nets["critic_target"], critic, args.tau)
-    return {"losses/qf_loss": td_loss.detach() / q_data.shape[0], "losses/value_loss": value_loss.detach(),
-            "losses/actor_loss": actor_loss.detach(), "losses/qf_values": q_data.detach().mean()}
-
-
-def cvae_update(cvae: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.Tensor, actions: torch.Tensor):
-    loss = cvae_loss(cvae, obs, actions)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-ACTORS = {"cql": TanhGaussianActor, "td3bc": DeterministicActor, "awac": GaussianActor, "iql": GaussianActor}
-UPDATES = {"cql": cql_update, "td3bc": td3bc_update, "awac": awac_update, "iql": iql_update}
-
-
-def build_learner(args: Args, obs_dim: int, act_dim: int, device: torch.device):
-    """The networks (actor, critics, their targets, the C-VAE) and their fused Adam optimizers."""
-    hidden = list(args.hidden_dims)
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)  # noqa: E731  (one kernel per step)
-    actor = ACTORS[args.algo](obs_dim, act_dim, hidden).to(device)
-    critic = CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)
-    nets = {"actor": actor, "critic": critic, "cvae": CVAE(obs_dim, act_dim, args.latent_dim, hidden).to(device),
-            "critic_target": CriticEnsemble(obs_dim, act_dim, hidden, args.num_critics).to(device)}
-    nets["critic_target"].load_state_dict(critic.state_dict())
-    opts = {"actor": adam(actor.parameters(), args.actor_lr), "critic": adam(critic.parameters(), args.critic_lr),
-            "cvae": adam(nets["cvae"].parameters(), args.cvae_lr)}
-    if args.algo == "cql":
-        nets["log_alpha"] = torch.zeros(1, device=device, requires_grad=True)
-        nets["target_entropy"] = -float(act_dim)
-        opts["alpha"] = adam([nets["log_alpha"]], args.critic_lr)
-    if args.algo == "td3bc":
-        nets["actor_target"] = DeterministicActor(obs_dim, act_dim, hidden).to(device)
-        nets["actor_target"].load_state_dict(actor.state_dict())
-    if args.algo == "iql":  # the state value V(s), learnt at the critics' learning rate as in IQL and CORL
-        nets["value"] = StateValue(obs_dim, hidden).to(device)
-        opts["value"] = adam(nets["value"].parameters(), args.critic_lr)
-    return nets, opts
-
-
-@torch.no_grad()
-def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_samples: int = 100_000,
-                   reservoir_size: int = 2048) -> dict:
-    """What the elbo estimator needs: 1001 quantiles of the offline negative ELBO (sorted), and a reservoir of
-    offline pairs (normalised as the networks see them) that the online scripts re-rank against after C-VAE updates;
-    the reservoir never trains anything."""
-    index = torch.randperm(obs.shape[0], device=obs.device)[:max_samples]
-    scores = torch.cat([negative_elbo(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
-    quantiles = torch.quantile(scores, torch.linspace(0, 1, 1001, device=scores.device))
-    reservoir = torch.randperm(obs.shape[0], device=obs.device)[:reservoir_size]
-    return {"neg_elbo_quantiles": quantiles.cpu().contiguous(),
-            "reservoir_obs": obs[reservoir].float().cpu().contiguous(),
-            "reservoir_actions": actions[reservoir].float().cpu().contiguous()}
-
-
-if __name__ == "__main__":
-    sys.excepthook = exit_quietly_on_interrupt
-    args = tyro.cli(Args)
+def check_args_and_read_dataset(args: Args):
+    """Checks the flags and the output places before any work, then resolves --env-id to a local dataset and
+    reads it; returns the dataset id, its transitions and facts (load_dataset) and the checkpoint's path."""
     check_numbers(args, positive=("total_steps", "batch_size", "hidden_dims", "num_critics", "critic_lr", "actor_lr",
                                   "cql_n_actions", "cql_temperature", "policy_freq", "awac_lambda", "awac_max_weight",
                                   "iql_beta", "iql_max_weight", "cvae_lr", "latent_dim", "eval_freq", "eval_episodes"),
                   non_negative=("seed", "cvae_steps", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
                   unit_interval=("gamma", "tau"))
     check_expectile(args.iql_expectile)
-    safe_env_id = args.env_id.replace("/", "-")
-    checkpoint_path = os.path.join(args.checkpoint_dir, f"{safe_env_id}__{args.algo}__{args.seed}.pt")
+    checkpoint_path = os.path.join(args.checkpoint_dir, f"{args.env_id.replace('/', '-')}__{args.algo}__{args.seed}.pt")
     if os.path.exists(checkpoint_path) and not args.overwrite:
         fail(f"{checkpoint_path} exists; pass --overwrite to replace it, or choose another --checkpoint-dir or --seed")
     check_writable(args.checkpoint_dir, "--checkpoint-dir")
@@ -1036,81 +1003,124 @@ if __name__ == "__main__":
     if comparability_warning(args.env_id, dataset_id):
         print(comparability_warning(args.env_id, dataset_id))
     data = load_dataset(dataset_id)
-    goal_task, dexterous_task = data["gym_id"].startswith("AntMaze"), data["gym_id"].startswith("Adroit")
-    args.actor_lr = args.actor_lr if args.actor_lr is not None else (1e-4 if args.algo == "cql" else 3e-4)
-    args.cql_alpha = args.cql_alpha if args.cql_alpha is not None else (10.0 if goal_task else 5.0)
-    args.awac_lambda = args.awac_lambda if args.awac_lambda is not None else (
-        0.1 if goal_task or dexterous_task else 1.0)
-    # IQL: CORL's values for locomotion and antmaze [our choice of CORL's values]
-    args.iql_expectile = args.iql_expectile if args.iql_expectile is not None else (0.9 if goal_task else 0.7)
-    args.iql_beta = args.iql_beta if args.iql_beta is not None else (10.0 if goal_task else 3.0)
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    args.latent_dim = args.latent_dim or 2 * act_dim
-    run_name = f"{safe_env_id}__{args.exp_name}_{args.algo}__{args.seed}__{int(time.time())}"
+    return dataset_id, data, checkpoint_path
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    eval_env = make_env(data["gym_id"], data["gym_kwargs"], args.seed)
-    env_obs_dim = flatten_obs(eval_env.reset(seed=args.seed)[0]).shape[-1]
-    if env_obs_dim != obs_dim or eval_env.action_space.shape != (act_dim,):
-        fail(f"dataset {dataset_id} has {obs_dim}-dim states and {act_dim}-dim actions but {data['gym_id']} has "
-             f"{env_obs_dim} and {eval_env.action_space.shape}; the dataset records the wrong environment")
+# --- shared: checkpoint I/O ---
+CHECKPOINT_FORMAT = "samg-offline-1"
+CHECKPOINT_KEYS = (
+    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
+    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
+    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+)
 
-    # states normalised with the dataset statistics; actions mapped to [-1, 1]; antmaze rewards shifted by -1
-    obs_mean = data["observations"].mean(0)
-    obs_std = data["observations"].std(0) + 1e-3
-    reward_scale, reward_bias = 1.0, (-1.0 if goal_task else 0.0)
-    low, high = data["action_low"], data["action_high"]
-    to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-    obs_t = to_tensor((data["observations"] - obs_mean) / obs_std)
-    next_obs_t = to_tensor((data["next_observations"] - obs_mean) / obs_std)
-    actions_t = to_tensor(np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1.0, 1.0))
-    rewards_t = to_tensor(data["rewards"] * reward_scale + reward_bias)
-    dones_t = to_tensor(data["terminals"])
-    num_transitions = obs_t.shape[0]
-    print(f"{num_transitions} transitions, obs dim {obs_dim}, action dim {act_dim}, env {data['gym_id']}")
 
-    nets, opts = build_learner(args, obs_dim, act_dim, device)
-    actor, critic, cvae = nets["actor"], nets["critic"], nets["cvae"]
-
-    writer = open_run_log(args, run_name, {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]})
-
-    def run_evaluation(step: int) -> float:
-        returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes, args.seed + 10_000,
-                                         device)
-        score = float(normalized_score(returns, data["ref_min_score"], data["ref_max_score"]).mean())
-        writer.add_scalar("eval/return", returns.mean(), step)
-        writer.add_scalar("eval/normalized_score", score, step)
-        if goal_task:
-            writer.add_scalar("eval/success", successes.mean(), step)
-        return score
-
-    total_steps = max(args.total_steps, args.cvae_steps)
-    progress, start_time, score, step = Progress(total_steps), time.time(), float("nan"), 0
+def save_checkpoint(payload: dict, path: str):
+    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
     try:
-        for step in range(1, total_steps + 1):
-            index = torch.randint(0, num_transitions, (args.batch_size,), device=device)
-            batch = (obs_t[index], actions_t[index], rewards_t[index], next_obs_t[index], dones_t[index])
-            metrics = UPDATES[args.algo](step, batch, nets, opts, args) if step <= args.total_steps else {}
-            if step <= args.cvae_steps:
-                metrics["samg/cvae_loss"] = cvae_update(cvae, opts["cvae"], batch[0], batch[1])
-            if step % 1000 == 0 or step == total_steps:  # the only host syncs: logging steps
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value.item(), step)
-                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
-            if step % args.eval_freq == 0 or step == total_steps:
-                score = run_evaluation(step)
-            progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); the TensorBoard "
-              f"log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
+
+def read_checkpoint(path: str, algo: str) -> dict:
+    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
+    if checkpoint["algo"] != algo:
+        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
+             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    check_checkpoint_fields(checkpoint, path)
+    return checkpoint
+
+
+# the numeric fields besides the weights: (field, shape, rule); a shape names sizes the checkpoint states, or sizes
+# bound where first seen (the quantiles' and the reservoir's lengths); "one" is a single number
+CHECKPOINT_NUMBERS = (
+    ("obs_mean", ("obs_dim",), "finite"), ("obs_std", ("obs_dim",), "positive"), ("action_low", ("act_dim",), "finite"),
+    ("action_high", ("act_dim",), "finite"), ("reward_scale", (), "finite"), ("reward_bias", (), "finite"),
+    ("ref_min_score", (), "finite"), ("ref_max_score", (), "finite"), ("log_alpha", "one", "finite"),
+    ("neg_elbo_quantiles", ("quantiles",), "sorted"), ("reservoir_obs", ("reservoir", "obs_dim"), "finite"),
+    ("reservoir_actions", ("reservoir", "act_dim"), "finite"),
+)
+
+
+def check_checkpoint_fields(checkpoint: dict, path: str):
+    """Every field besides the weights is checked for type, shape and finiteness (CHECKPOINT_NUMBERS), so a damaged
+    or hand-edited checkpoint is one sentence here instead of a traceback or silent nan later."""
+    def bad(key: str, what: str):
+        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
+
+    for key in ("obs_dim", "act_dim", "latent_dim"):
+        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
+            bad(key, f"{checkpoint[key]!r} is not a positive integer")
+    hidden = checkpoint["hidden_dims"]
+    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
+        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
+    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
+        bad("gym_id or gym_kwargs", "not a string and a dict")
+    calibration = checkpoint["cvae_calibration"]
+    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
+        bad("cvae_calibration", "no neg_elbo_quantiles")
+    fields, sizes = {**calibration, **checkpoint}, dict(checkpoint)
+    for key, shape, rule in CHECKPOINT_NUMBERS:
+        if key not in fields and (key == "log_alpha" or "reservoir_obs" not in calibration):
+            continue  # log_alpha: cql only; the reservoir: checkpoints written since it was added
+        try:
+            value = torch.as_tensor(fields.get(key), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape == "one" and value.numel() != 1:
+            bad(key, "not a single number")
+        needed = tuple(sizes.setdefault(size, got) for size, got in zip(shape, value.shape)) if shape != "one" else ()
+        if shape != "one" and (value.dim() != len(shape) or tuple(value.shape) != needed):
+            bad(key, "not a sorted 1-d list of at least two values" if rule == "sorted" else
+                f"shape {tuple(value.shape)} where {tuple(sizes.get(size, '?') for size in shape)} is needed")
+        if not torch.isfinite(value).all() or (rule == "positive" and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if rule == "positive" else ""))
+        if rule == "sorted" and (value.numel() < 2 or not (value[1:] >= value[:-1]).all()):
+            bad(key, "not a sorted 1-d list of at least two values")
+    if not (torch.as_tensor(checkpoint["action_low"]) < torch.as_tensor(checkpoint["action_high"])).all():
+        bad("action_low", "not below action_high everywhere")
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if sizes.get("reservoir", 2) < 2:
+        bad("reservoir_obs", "fewer than two pairs")
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> nn.Module:
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's;
+    returns the module."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
+    return module
+# --- end shared ---
+
+
+def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: dict, calibration: dict,
+                     score: float, transforms: dict):
+    """The checkpoint the online scripts load (CHECKPOINT_KEYS), with the transforms applied to the data."""
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    actor, critic, cvae = nets["actor"], nets["critic"], nets["cvae"]
+    obs_mean, obs_std = transforms["obs_mean"], transforms["obs_std"]
+    reward_scale, reward_bias = transforms["reward_scale"], transforms["reward_bias"]
+    low, high = data["action_low"], data["action_high"]
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "algo": args.algo, "env_id": args.env_id, "dataset_id": dataset_id,
         "gym_id": data["gym_id"], "gym_kwargs": data["gym_kwargs"], "obs_dim": obs_dim, "act_dim": act_dim,
@@ -1122,7 +1132,7 @@ if __name__ == "__main__":
         "actor": {k: v.cpu() for k, v in actor.state_dict().items()},
         "critic": {k: v.cpu() for k, v in critic.state_dict().items()},
         "cvae": {k: v.cpu() for k, v in cvae.state_dict().items()},
-        "cvae_calibration": calibrate_cvae(cvae, obs_t, actions_t),
+        "cvae_calibration": calibration,
         "offline_normalized_score": score,
         "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
     }
@@ -1130,6 +1140,36 @@ if __name__ == "__main__":
         checkpoint["log_alpha"] = nets["log_alpha"].detach().cpu()
     if args.algo == "iql":
         checkpoint["value"] = {k: v.cpu() for k, v in nets["value"].state_dict().items()}
-    save_checkpoint(checkpoint, checkpoint_path)
-    writer.close()
-    print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")
+    save_checkpoint(checkpoint, path)
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+if __name__ == "__main__":
+    sys.excepthook = exit_quietly_on_interrupt
+    main(tyro.cli(Args))

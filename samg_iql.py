@@ -13,7 +13,6 @@ read: everything comes from the checkpoint.
 """
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import random
@@ -22,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
-
 import gymnasium as gym
 import numpy as np
 import torch
@@ -30,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
 OFFLINE_ALGO = "iql"  # the `pretrain_offline.py --algo` whose checkpoint this script fine-tunes
 
 
@@ -136,11 +133,6 @@ class Args(OnlineArgs):
 
 
 # --- shared: environment ---
-def fail(message: str):
-    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
-    raise SystemExit(f"error: {message}")
-
-
 def flatten_obs(obs):
     """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
     is in achieved_goal, so leaving it out would blind the policy."""
@@ -165,7 +157,534 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 # --- end shared ---
 
 
+# --- shared: networks ---
+def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
+    if output_activation is not None:
+        layers.append(output_activation)
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers as one batched matmul: [n, batch, in] -> [n, batch, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, member by member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[-1] == 1:  # one output: a matrix-vector product per member (batched GEMM is slow here)
+            return torch.stack([torch.addmv(b[0], m, w[:, 0]) for b, m, w in zip(self.bias, x, self.weight)])[..., None]
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """N Q-functions evaluated in one call: forward(obs [B, o], action [B, a]) -> Q values [N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, num_critics: int):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims]
+        layers = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU(inplace=True)]
+        layers.append(VectorizedLinear(dims[-1], 1, num_critics))
+        self.net = nn.Sequential(*layers)
+        self.num_critics = num_critics
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+# --- end shared ---
+
+
+# --- shared: Gaussian actor ---
+class GaussianActor(nn.Module):
+    """AWAC policy: N(tanh(f(s)), std) with a state-independent log-std clamped to [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self.net(obs), self.log_std.clamp(-5.0, 2.0)
+        return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        mean = self.net(obs)
+        if deterministic:
+            return mean
+        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+# --- end shared ---
+
+
+# --- shared: C-VAE and p(s,a) ---
+class CVAE(nn.Module):
+    """Conditional VAE of actions given states: encoder (s, a) -> N(mu, sigma) in R^d, decoder (s, z) -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden_dims):
+        super().__init__()
+        self.encoder = mlp([obs_dim + act_dim, *hidden_dims, 2 * latent_dim])
+        self.decoder = mlp([obs_dim + latent_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
+
+    def encode(self, obs: torch.Tensor, action: torch.Tensor):
+        mu, log_std = self.encoder(torch.cat([obs, action], dim=-1)).chunk(2, dim=-1)
+        return mu, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([obs, z], dim=-1))
+
+
+def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Training loss: MSE reconstruction + 0.5 * KL(N(mu, sigma) || N(0, I)), both averaged over elements."""
+    mu, log_std = cvae.encode(obs, action)
+    recon = cvae.decode(obs, mu + log_std.exp() * torch.randn_like(mu))
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).mean()
+    return F.mse_loss(recon, action) + 0.5 * kl
+
+
+def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+    mu, log_std = cvae.encode(obs, action)
+    recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
+    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
+    return recon_error + kl
+
+
+def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension j is an independent Gaussian; q_j = 2 (1 - Phi(|mu_j|)) is the prior's two-sided
+    tail mass beyond the encoder mean, and p is their average (linear weighting)."""
+    mu, _ = cvae.encode(obs, action)
+    return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
+
+
+def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
+    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+# --- end shared ---
+
+
+# --- shared: SAMG target ---
+def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
+                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
+    batch = obs.shape[0]
+    if coef_mode == "none":
+        return obs.new_zeros(batch)
+    if coef_mode == "even":
+        return obs.new_full((batch,), 0.5)
+    if coef_mode == "random":
+        return torch.rand(batch, device=obs.device)
+    if p_estimator == "latent":
+        p_vae = p_latent(cvae, obs, actions)
+    else:
+        p_vae = p_elbo(cvae, neg_elbo_reference, obs, actions)
+    return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
+
+
+class Guidance:
+    """What p needs beyond the batch: the C-VAE, the sorted negative ELBOs its elbo estimate is ranked against, and
+    the state of the fade. The reference is re-ranked on the checkpoint's reservoir of offline pairs whenever the
+    C-VAE learns, so a pair's p keeps meaning "as familiar as that share of the offline data" (the reservoir is
+    never used to train anything)."""
+
+    def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
+        self.coef_mode, self.p_estimator, self.p_threshold = args.coef_mode, args.p_estimator, args.p_threshold
+        self.p_at, self.p_fade, self.p_fade_steps = args.p_at, args.p_fade, args.p_fade_steps
+        self.cvae, self.reservoir = cvae, None
+        if "reservoir_obs" in calibration:
+            self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
+            self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
+            self.recalibrate()
+        else:  # an older checkpoint: the fixed offline calibration
+            self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
+        self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
+        self.scale = torch.ones((), device=device)  # the linear fade's factor (advance)
+        self.probe = torch.Generator(device=device).manual_seed(0)  # separation's actions: training's RNG untouched
+
+    @torch.no_grad()
+    def recalibrate(self):
+        if self.reservoir is not None:
+            self.neg_elbo_reference.copy_(negative_elbo(self.cvae, *self.reservoir).sort().values)
+
+    @torch.no_grad()
+    def observe(self, td_error: torch.Tensor):
+        mean = td_error.mean()
+        self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
+                                               self.recent_td_error.lerp(mean, 0.01)))
+
+    @torch.no_grad()
+    def separation(self, obs: torch.Tensor) -> torch.Tensor:
+        """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
+        reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
+        better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
+        if self.reservoir is None:
+            return torch.full((), math.nan)
+
+        def p_vae(o, a):
+            if self.p_estimator == "latent":
+                return p_latent(self.cvae, o, a)
+            return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
+
+        random_actions = torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device,
+                                    generator=self.probe) * 2.0 - 1.0
+        familiar, novel = p_vae(*self.reservoir), p_vae(obs, random_actions)
+        above = (familiar[:, None] > novel[None, :]).float().mean()
+        return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
+
+    def advance(self, step: int):
+        """--p-fade linear: p's factor falls from 1 at step 0 to 0 after --p-fade-steps steps."""
+        if self.p_fade == "linear":
+            self.scale.fill_(max(0.0, 1.0 - step / self.p_fade_steps))
+
+    def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
+        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded.
+        `next_actions` are the actions at s' that p is taken at (see samg_target)."""
+        obs, actions, _, next_obs, _ = batch
+
+        def at(o, a):
+            return samg_coefficient(self.coef_mode, self.p_estimator, self.p_threshold, self.cvae,
+                                    self.neg_elbo_reference, o, a)
+
+        if self.coef_mode != "cvae" or self.p_at == "sample":
+            p = at(obs, actions)
+        elif self.p_at == "next":
+            p = at(next_obs, next_actions)
+        else:
+            p = at(obs, actions) * at(next_obs, next_actions)
+        if self.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
+            p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
+        elif self.p_fade == "linear":
+            p = p * self.scale
+        return p
+
+
+def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
+    """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
+    return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
+
+
+SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
+                "samg/qoff_above_frac")
+
+
+def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
+                guidance: Guidance, gamma: float, diagnose: bool, p_actions: Optional[torch.Tensor] = None):
+    """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
+    p at the next pair is taken at `p_actions` when given (TD3's --p-next-action deterministic), else at a'.
+    Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
+    asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
+    _, _, rewards, next_obs, dones = batch
+    next_value_target = critic_target(next_obs, next_actions).min(0).values
+    if guidance.coef_mode == "none" and not diagnose:
+        p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
+        return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
+    next_value_offline = q_offline(next_obs, next_actions).min(0).values
+    p = guidance.p(batch, next_actions if p_actions is None else p_actions, next_value_target, next_value_offline)
+    target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
+    intrinsic = gamma * p * (next_value_offline - next_value_target)
+    metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
+                           next_value_target.mean(), (next_value_offline > next_value_target).float().mean()])
+    return target, p, metrics
+
+
+def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
+    """Adaptive p: the C-VAE keeps learning on the pairs the online critic fits best ("mastered"), so p grows
+    where the agent has learned. A fixed-size top-k keeps the update free of host synchronisation."""
+    mastered = td_error.topk(max(1, int(mastered_quantile * td_error.numel())), largest=False).indices
+    loss = cvae_loss(cvae, obs[mastered], actions[mastered])
+    cvae_optimizer.zero_grad()
+    loss.backward()
+    cvae_optimizer.step()
+    return loss.detach().reshape(1)
+# --- end shared ---
+
+
+# --- shared: critics, replay and the critic step ---
+def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
+    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
+    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
+    state = checkpoint["critic"]
+    num_critics = num_critics or next(iter(state.values())).shape[0]
+    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    critic, critic_target, q_offline = (
+        load_weights(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path).to(device)
+        for _ in range(3)
+    )
+    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
+
+
+class ReplayBuffer:
+    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
+        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
+        self.size, self.position = 0, 0
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
+        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row)
+        self.position = (self.position + 1) % len(self.rows)
+        self.size = min(self.size + 1, len(self.rows))
+
+    def sample(self, batch_size: int):
+        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement."""
+        index = torch.randint(self.size, (batch_size,), device=self.rows.device)
+        obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, dim=-1)
+        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
+
+
+def sample_batch(replay: ReplayBuffer, offline: Optional[ReplayBuffer], batch_size: int, offline_ratio: float):
+    """The online replay's batch; with --offline-data-ratio, that share of it comes from the offline data instead
+    (symmetric sampling, as RLPD does)."""
+    if offline is None:
+        return replay.sample(batch_size)
+    num_offline = round(offline_ratio * batch_size)
+    return tuple(torch.cat(parts) for parts in zip(replay.sample(batch_size - num_offline),
+                                                   offline.sample(num_offline)))
+
+
+CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values")
+
+
+def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
+    """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
+    steps; the loss is the mean over members, as CleanRL logs it) and each sample's |TD error| (mean over
+    members) for the adaptive C-VAE."""
+    q_values = critic(obs, actions)
+    qf_loss = (q_values - target).pow(2).mean(1).sum()
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    q_values = q_values.detach()
+    metrics = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
+    return metrics, (q_values - target).abs().mean(0)
+
+
+@torch.no_grad()
+def soft_update(target_params: list, online_params: list, tau: float):
+    torch._foreach_lerp_(target_params, online_params, tau)
+# --- end shared ---
+
+
+# --- shared: IQL value and losses ---
+class StateValue(nn.Module):
+    """IQL's state value: V(obs [B, o]) -> [B]."""
+
+    def __init__(self, obs_dim: int, hidden_dims):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden_dims, 1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+def expectile_loss(difference: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric squared loss on u = Q(s, a) - V(s): weight `expectile` where u >= 0 and 1 - `expectile`
+    where u < 0, so that V learns an upper expectile of Q over the data's actions (a soft max) rather than its mean."""
+    weight = (expectile - (difference < 0).to(difference.dtype)).abs()
+    return (weight * difference.pow(2)).mean()
+
+
+def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, beta: float, max_weight: float):
+    """IQL's actor loss: -log pi(a|s) of the batch's own actions, weighted by exp(beta A) clipped at max_weight."""
+    weights = torch.exp(beta * advantage).clamp(max=max_weight)
+    return -(weights * actor.log_prob(obs, actions)).mean()
+
+
+def check_expectile(expectile: Optional[float]):
+    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
+    the loss vanishes and V drifts without bound."""
+    if expectile is not None and not 0.0 < expectile < 1.0:
+        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
+# --- end shared ---
+
+
+class ValueAsCritic(nn.Module):
+    """V(s) where the shared SAMG code expects a critic ensemble Q(s, a) -> [N, B]: one member that ignores the
+    action."""
+
+    def __init__(self, value: StateValue):
+        super().__init__()
+        self.value = value
+
+    def forward(self, obs: torch.Tensor, actions: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.value(obs)[None]
+
+
+def iql_target(batch, actor: GaussianActor, value: ValueAsCritic, value_offline: ValueAsCritic, guidance: Guidance,
+               gamma: float, diagnose: bool):
+    """IQL's target r + gamma V(s') with SAMG's mix on the state value: y = r + gamma (1 - d) [(1 - p) V(s') +
+    p V_off(s')]; samg_metrics' qbar/qoff values are then V(s') and V_off(s'). a' ~ pi(s') is drawn only to find
+    the pair p is evaluated at (--p-at next or both); no value of an action is computed at s'."""
+    needs_next_action = guidance.coef_mode == "cvae" and guidance.p_at != "sample"
+    next_actions = actor.act(batch[3], deterministic=False) if needs_next_action else None
+    return samg_target(batch, next_actions, 0.0, value, value_offline, guidance, gamma, diagnose)
+
+
+def update_critic(batch, actor, critic, value, value_offline, guidance, critic_optimizer, gamma: float,
+                  diagnose: bool):
+    with torch.no_grad():
+        target, p, samg_metrics = iql_target(batch, actor, value, value_offline, guidance, gamma, diagnose)
+    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
+    guidance.observe(td_error)
+    return metrics, samg_metrics, td_error, p
+
+
+def update_value(obs, actions, critic_target, value, value_optimizer, expectile: float):
+    """V regresses to an upper expectile of the target critics' Q at the batch's own actions. Returns the loss and
+    the advantage Q - V(s) from before the step, which the actor is weighted by (as IQL orders it)."""
+    with torch.no_grad():
+        q_data = critic_target(obs, actions).min(0).values
+    advantage = q_data - value(obs)
+    value_loss = expectile_loss(advantage, expectile)
+    value_optimizer.zero_grad()
+    value_loss.backward()
+    value_optimizer.step()
+    return value_loss.detach().reshape(1), advantage.detach()
+
+
+def update_actor(obs, actions, advantage, actor, actor_optimizer, beta: float, max_weight: float):
+    """Advantage-weighted regression on the online batch: log pi(a|s) weighted by exp(beta (Q(s, a) - V(s)))."""
+    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage, beta, max_weight)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+    return actor_loss.detach().reshape(1)
+
+
+ACTOR_METRICS = ("losses/actor_loss",)
+
+
+VALUE_METRICS = ("losses/value_loss",)
+
+
+def loaded_values(checkpoint: dict, path: str, device: torch.device):
+    """The online value V and the frozen offline value V_off, both loaded from the checkpoint's `value`."""
+    value, value_offline = (load_weights(StateValue(checkpoint["obs_dim"], checkpoint["hidden_dims"]),
+                                         checkpoint["value"], "value network", path).to(device) for _ in range(2))
+    return value, value_offline.requires_grad_(False)
+
+
+def main(args: Args):
+    checkpoint, checkpoint_path = read_checked_checkpoint(args)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
+    run_name, writer, eval_env = start_run(args, checkpoint, checkpoint_path)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    actor = load_weights(GaussianActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor",
+                         checkpoint_path).to(device)
+    critic, critic_target, _ = build_critics(checkpoint, args.num_critics, checkpoint_path, device)  # no Q_off: V_off
+    value, value_offline = loaded_values(checkpoint, checkpoint_path, device)
+    value_as_critic, value_offline_as_critic = ValueAsCritic(value), ValueAsCritic(value_offline)
+    cvae = load_weights(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
+                        checkpoint_path).to(device)
+    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    value_optimizer = torch.optim.Adam(value.parameters(), lr=args.critic_lr, fused=True)  # as offline
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
+    critic_update, value_update, actor_update, cvae_update = compiled(args, update_critic, update_value, update_actor,
+                                                                            update_cvae_on_mastered)
+    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+
+    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
+    offline = offline_replay(args, checkpoint, device)
+    normalize = observation_normalizer(checkpoint)
+    low, high = env.action_space.low, env.action_space.high
+    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
+    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
+    value_metrics = MetricMeans(VALUE_METRICS)
+    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
+    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
+    refresh_v_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
+
+    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
+    try:
+        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+        obs = normalize(env.reset(seed=args.seed)[0])
+        for global_step in range(1, args.total_timesteps + 1):
+            with torch.no_grad():  # the pretrained policy explores from the first step on
+                action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
+            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            next_obs = normalize(raw_next_obs)
+            # done = terminated only: a time limit never stops bootstrapping
+            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
+            replay.add(obs, action, training_reward, next_obs, terminated)
+            episodes.step(reward, info, terminated or truncated, global_step)
+            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
+            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
+
+            if global_step > args.learning_starts:
+                guidance.advance(global_step)
+                for _ in range(args.utd):
+                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
+                    # IQL's order: the critics' target uses V before its step, the actor the advantage before it
+                    metrics, samg, td_error, p = critic_update(batch, actor, critic, value_as_critic,
+                                                               value_offline_as_critic, guidance, critic_optimizer,
+                                                               args.gamma, diagnose=log_step)
+                    critic_metrics.add(metrics)
+                    samg_metrics.add(samg)
+                    if learn_cvae and num_updates % args.cvae_update_every == 0:
+                        cvae_metrics.add(cvae_update(cvae, cvae_optimizer, batch[0], batch[1], td_error,
+                                                     args.mastered_quantile))
+                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
+                            guidance.recalibrate()
+                    value_loss, advantage = value_update(batch[0], batch[1], critic_target, value, value_optimizer,
+                                                         args.iql_expectile)
+                    value_metrics.add(value_loss)
+                    actor_metrics.add(actor_update(batch[0], batch[1], advantage, actor, actor_optimizer,
+                                                   args.iql_beta, args.iql_max_weight))
+                    soft_update(target_params, online_params, args.tau)
+                    num_updates += 1
+                if log_step and args.coef_mode != "none":
+                    log_p(writer, guidance, p, batch[0], global_step)
+            if refresh_v_offline and global_step % args.qoff_refresh_every == 0:  # the refresh of Q_off, on V
+                value_offline.load_state_dict(value.state_dict())
+
+            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
+                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
+            if log_step:
+                log_progress(writer, (critic_metrics, value_metrics, actor_metrics, samg_metrics, cvae_metrics),
+                             global_step, progress, score)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
+    if args.save_model:
+        save_model(args, run_name, checkpoint, global_step, score,
+                   dict(actor=actor, critic=critic, value=value, cvae=cvae))
+    for resource in (env, eval_env, writer):
+        resource.close()
+    if interrupted:
+        raise SystemExit(130)
+    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
+
+
+# ======================================================================================================================
+# The algorithm ends here. Nothing below changes what is learned: the checks of flags and checkpoints, the checkpoint
+# and model files, the offline dataset (read only for --offline-data-ratio), run logs, progress and interrupts.
+# ======================================================================================================================
+
+
 # --- shared: checks, logs and progress ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -244,155 +763,6 @@ class Progress:
 # --- end shared ---
 
 
-# --- shared: networks ---
-def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
-    if output_activation is not None:
-        layers.append(output_activation)
-    return nn.Sequential(*layers)
-
-
-class VectorizedLinear(nn.Module):
-    """`n` independent linear layers as one batched matmul: [n, batch, in] -> [n, batch, out]."""
-
-    def __init__(self, in_features: int, out_features: int, n: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, member by member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.shape[-1] == 1:  # one output: a matrix-vector product per member (batched GEMM is slow here)
-            return torch.stack([torch.addmv(b[0], m, w[:, 0]) for b, m, w in zip(self.bias, x, self.weight)])[..., None]
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class CriticEnsemble(nn.Module):
-    """N Q-functions evaluated in one call: forward(obs [B, o], action [B, a]) -> Q values [N, B]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, num_critics: int):
-        super().__init__()
-        dims = [obs_dim + act_dim, *hidden_dims]
-        layers = []
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [VectorizedLinear(d_in, d_out, num_critics), nn.ReLU(inplace=True)]
-        layers.append(VectorizedLinear(dims[-1], 1, num_critics))
-        self.net = nn.Sequential(*layers)
-        self.num_critics = num_critics
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, action], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
-        return self.net(x).squeeze(-1)
-# --- end shared ---
-
-
-# --- shared: Gaussian actor ---
-class GaussianActor(nn.Module):
-    """AWAC policy: N(tanh(f(s)), std) with a state-independent log-std clamped to [-5, 2]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
-        super().__init__()
-        self.net = mlp([obs_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
-
-    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        mean, log_std = self.net(obs), self.log_std.clamp(-5.0, 2.0)
-        return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        mean = self.net(obs)
-        if deterministic:
-            return mean
-        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
-# --- end shared ---
-
-
-# --- shared: IQL value and losses ---
-class StateValue(nn.Module):
-    """IQL's state value: V(obs [B, o]) -> [B]."""
-
-    def __init__(self, obs_dim: int, hidden_dims):
-        super().__init__()
-        self.net = mlp([obs_dim, *hidden_dims, 1])
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1)
-
-
-def expectile_loss(difference: torch.Tensor, expectile: float) -> torch.Tensor:
-    """IQL's asymmetric squared loss on u = Q(s, a) - V(s): weight `expectile` where u >= 0 and 1 - `expectile`
-    where u < 0, so that V learns an upper expectile of Q over the data's actions (a soft max) rather than its mean."""
-    weight = (expectile - (difference < 0).to(difference.dtype)).abs()
-    return (weight * difference.pow(2)).mean()
-
-
-def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, beta: float, max_weight: float):
-    """IQL's actor loss: -log pi(a|s) of the batch's own actions, weighted by exp(beta A) clipped at max_weight."""
-    weights = torch.exp(beta * advantage).clamp(max=max_weight)
-    return -(weights * actor.log_prob(obs, actions)).mean()
-
-
-def check_expectile(expectile: Optional[float]):
-    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
-    the loss vanishes and V drifts without bound."""
-    if expectile is not None and not 0.0 < expectile < 1.0:
-        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
-# --- end shared ---
-
-
-# --- shared: C-VAE and p(s,a) ---
-class CVAE(nn.Module):
-    """Conditional VAE of actions given states: encoder (s, a) -> N(mu, sigma) in R^d, decoder (s, z) -> a."""
-
-    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden_dims):
-        super().__init__()
-        self.encoder = mlp([obs_dim + act_dim, *hidden_dims, 2 * latent_dim])
-        self.decoder = mlp([obs_dim + latent_dim, *hidden_dims, act_dim], output_activation=nn.Tanh())
-
-    def encode(self, obs: torch.Tensor, action: torch.Tensor):
-        mu, log_std = self.encoder(torch.cat([obs, action], dim=-1)).chunk(2, dim=-1)
-        return mu, log_std.clamp(-4.0, 15.0)
-
-    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([obs, z], dim=-1))
-
-
-def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Training loss: MSE reconstruction + 0.5 * KL(N(mu, sigma) || N(0, I)), both averaged over elements."""
-    mu, log_std = cvae.encode(obs, action)
-    recon = cvae.decode(obs, mu + log_std.exp() * torch.randn_like(mu))
-    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).mean()
-    return F.mse_loss(recon, action) + 0.5 * kl
-
-
-def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
-    mu, log_std = cvae.encode(obs, action)
-    recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
-    kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
-    return recon_error + kl
-
-
-def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Each latent dimension j is an independent Gaussian; q_j = 2 (1 - Phi(|mu_j|)) is the prior's two-sided
-    tail mass beyond the encoder mean, and p is their average (linear weighting)."""
-    mu, _ = cvae.encode(obs, action)
-    return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
-
-
-def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
-    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
-    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
-# --- end shared ---
-
-
 # --- shared: checkpoint I/O ---
 CHECKPOINT_FORMAT = "samg-offline-1"
 CHECKPOINT_KEYS = (
@@ -414,7 +784,7 @@ def save_checkpoint(payload: dict, path: str):
             os.remove(tmp_path)
 
 
-def load_checkpoint(path: str, algo: str) -> dict:
+def read_checkpoint(path: str, algo: str) -> dict:
     """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -433,22 +803,22 @@ def load_checkpoint(path: str, algo: str) -> dict:
     return checkpoint
 
 
+# the numeric fields besides the weights: (field, shape, rule); a shape names sizes the checkpoint states, or sizes
+# bound where first seen (the quantiles' and the reservoir's lengths); "one" is a single number
+CHECKPOINT_NUMBERS = (
+    ("obs_mean", ("obs_dim",), "finite"), ("obs_std", ("obs_dim",), "positive"), ("action_low", ("act_dim",), "finite"),
+    ("action_high", ("act_dim",), "finite"), ("reward_scale", (), "finite"), ("reward_bias", (), "finite"),
+    ("ref_min_score", (), "finite"), ("ref_max_score", (), "finite"), ("log_alpha", "one", "finite"),
+    ("neg_elbo_quantiles", ("quantiles",), "sorted"), ("reservoir_obs", ("reservoir", "obs_dim"), "finite"),
+    ("reservoir_actions", ("reservoir", "act_dim"), "finite"),
+)
+
+
 def check_checkpoint_fields(checkpoint: dict, path: str):
-    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
-    checkpoint is one sentence here instead of a traceback or silent nan later."""
+    """Every field besides the weights is checked for type, shape and finiteness (CHECKPOINT_NUMBERS), so a damaged
+    or hand-edited checkpoint is one sentence here instead of a traceback or silent nan later."""
     def bad(key: str, what: str):
         fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
-
-    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
-        try:
-            value = torch.as_tensor(value, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            bad(key, "not numbers")
-        if shape is not None and tuple(value.shape) != shape:
-            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
-        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
-            bad(key, "values that are not finite" + (" and positive" if positive else ""))
-        return value
 
     for key in ("obs_dim", "act_dim", "latent_dim"):
         if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
@@ -458,41 +828,45 @@ def check_checkpoint_fields(checkpoint: dict, path: str):
         bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
     if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
         bad("gym_id or gym_kwargs", "not a string and a dict")
-    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
-    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
-    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
-    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
-                                                                                  checkpoint["action_high"], (act_dim,))
-    if not (low < high).all():
-        bad("action_low", "not below action_high everywhere")
-    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
-        tensor(key, checkpoint[key], ())
-    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
-        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
-    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
-        bad("log_alpha", "not a single number")
     calibration = checkpoint["cvae_calibration"]
     if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
         bad("cvae_calibration", "no neg_elbo_quantiles")
-    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
-    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
-        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
-    if "reservoir_obs" in calibration:
-        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
-        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
-        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
-        if count < 2:
-            bad("reservoir_obs", "fewer than two pairs")
+    fields, sizes = {**calibration, **checkpoint}, dict(checkpoint)
+    for key, shape, rule in CHECKPOINT_NUMBERS:
+        if key not in fields and (key == "log_alpha" or "reservoir_obs" not in calibration):
+            continue  # log_alpha: cql only; the reservoir: checkpoints written since it was added
+        try:
+            value = torch.as_tensor(fields.get(key), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape == "one" and value.numel() != 1:
+            bad(key, "not a single number")
+        needed = tuple(sizes.setdefault(size, got) for size, got in zip(shape, value.shape)) if shape != "one" else ()
+        if shape != "one" and (value.dim() != len(shape) or tuple(value.shape) != needed):
+            bad(key, "not a sorted 1-d list of at least two values" if rule == "sorted" else
+                f"shape {tuple(value.shape)} where {tuple(sizes.get(size, '?') for size in shape)} is needed")
+        if not torch.isfinite(value).all() or (rule == "positive" and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if rule == "positive" else ""))
+        if rule == "sorted" and (value.numel() < 2 or not (value[1:] >= value[:-1]).all()):
+            bad(key, "not a sorted 1-d list of at least two values")
+    if not (torch.as_tensor(checkpoint["action_low"]) < torch.as_tensor(checkpoint["action_high"])).all():
+        bad("action_low", "not below action_high everywhere")
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if sizes.get("reservoir", 2) < 2:
+        bad("reservoir_obs", "fewer than two pairs")
 
 
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
-    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> nn.Module:
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's;
+    returns the module."""
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1].strip()
         fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
              "pretrain_offline.py")
+    return module
 # --- end shared ---
 
 
@@ -523,225 +897,10 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 # --- end shared ---
 
 
-# --- shared: SAMG target ---
-def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
-                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
-    batch = obs.shape[0]
-    if coef_mode == "none":
-        return obs.new_zeros(batch)
-    if coef_mode == "even":
-        return obs.new_full((batch,), 0.5)
-    if coef_mode == "random":
-        return torch.rand(batch, device=obs.device)
-    if p_estimator == "latent":
-        p_vae = p_latent(cvae, obs, actions)
-    else:
-        p_vae = p_elbo(cvae, neg_elbo_reference, obs, actions)
-    return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
-
-
-class Guidance:
-    """What p needs beyond the batch: the C-VAE, the sorted negative ELBOs its elbo estimate is ranked against, and
-    the state of the fade. The reference is re-ranked on the checkpoint's reservoir of offline pairs whenever the
-    C-VAE learns, so a pair's p keeps meaning "as familiar as that share of the offline data" (the reservoir is
-    never used to train anything)."""
-
-    def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
-        self.args, self.cvae = args, cvae
-        self.reservoir = None
-        if "reservoir_obs" in calibration:
-            self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
-            self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
-            self.recalibrate()
-        else:  # an older checkpoint: the fixed offline calibration
-            self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
-        self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
-        self.scale = torch.ones((), device=device)  # the linear fade's factor, set by the training loop
-        self.probe = torch.Generator(device=device).manual_seed(0)  # separation's actions: training's RNG untouched
-
-    @torch.no_grad()
-    def recalibrate(self):
-        if self.reservoir is not None:
-            self.neg_elbo_reference.copy_(negative_elbo(self.cvae, *self.reservoir).sort().values)
-
-    @torch.no_grad()
-    def observe(self, td_error: torch.Tensor):
-        mean = td_error.mean()
-        self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
-                                               self.recent_td_error.lerp(mean, 0.01)))
-
-    @torch.no_grad()
-    def separation(self, obs: torch.Tensor) -> torch.Tensor:
-        """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
-        reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
-        better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
-        if self.reservoir is None:
-            return torch.full((), math.nan)
-
-        def p_vae(o, a):
-            if self.args.p_estimator == "latent":
-                return p_latent(self.cvae, o, a)
-            return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
-
-        random_actions = torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device,
-                                    generator=self.probe) * 2.0 - 1.0
-        familiar, novel = p_vae(*self.reservoir), p_vae(obs, random_actions)
-        above = (familiar[:, None] > novel[None, :]).float().mean()
-        return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
-
-    def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
-        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded.
-        `next_actions` are the actions at s' that p is taken at (see samg_target)."""
-        obs, actions, _, next_obs, _ = batch
-        args = self.args
-
-        def at(o, a):
-            return samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, self.cvae,
-                                    self.neg_elbo_reference, o, a)
-
-        if args.coef_mode != "cvae" or args.p_at == "sample":
-            p = at(obs, actions)
-        elif args.p_at == "next":
-            p = at(next_obs, next_actions)
-        else:
-            p = at(obs, actions) * at(next_obs, next_actions)
-        if args.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
-            p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
-        elif args.p_fade == "linear":
-            p = p * self.scale
-        return p
-
-
-def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
-    """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
-    return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
-
-
-def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
-    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
-    samg/p_auroc (Guidance.separation at the batch's states)."""
-    writer.add_histogram("samg/p", p, step)
-    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
-    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
-        writer.add_scalar(name, value, step)
-    if guidance.args.coef_mode == "cvae":
-        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
-
-
-SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
-                "samg/qoff_above_frac")
-
-
-def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
-                guidance: Guidance, gamma: float, diagnose: bool, p_actions: Optional[torch.Tensor] = None):
-    """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
-    p at the next pair is taken at `p_actions` when given (TD3's --p-next-action deterministic), else at a'.
-    Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
-    asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
-    _, _, rewards, next_obs, dones = batch
-    next_value_target = critic_target(next_obs, next_actions).min(0).values
-    if guidance.args.coef_mode == "none" and not diagnose:
-        p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
-        return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
-    next_value_offline = q_offline(next_obs, next_actions).min(0).values
-    p = guidance.p(batch, next_actions if p_actions is None else p_actions, next_value_target, next_value_offline)
-    target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
-    intrinsic = gamma * p * (next_value_offline - next_value_target)
-    metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
-                           next_value_target.mean(), (next_value_offline > next_value_target).float().mean()])
-    return target, p, metrics
-
-
-def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
-    """Adaptive p: the C-VAE keeps learning on the pairs the online critic fits best ("mastered"), so p grows
-    where the agent has learned. A fixed-size top-k keeps the update free of host synchronisation."""
-    mastered = td_error.topk(max(1, int(mastered_quantile * td_error.numel())), largest=False).indices
-    loss = cvae_loss(cvae, obs[mastered], actions[mastered])
-    cvae_optimizer.zero_grad()
-    loss.backward()
-    cvae_optimizer.step()
-    return loss.detach().reshape(1)
-# --- end shared ---
-
-
-# --- shared: online training ---
-class ReplayBuffer:
-    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
-        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
-        self.size, self.position = 0, 0
-
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
-        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
-        self.rows[self.position] = torch.from_numpy(row)
-        self.position = (self.position + 1) % len(self.rows)
-        self.size = min(self.size + 1, len(self.rows))
-
-    def sample(self, batch_size: int):
-        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement."""
-        index = torch.randint(self.size, (batch_size,), device=self.rows.device)
-        obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, dim=-1)
-        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
-
-
-def sample_batch(replay: ReplayBuffer, offline: Optional[ReplayBuffer], batch_size: int, offline_ratio: float):
-    """The online replay's batch; with --offline-data-ratio, that share of it comes from the offline data instead
-    (symmetric sampling, as RLPD does)."""
-    if offline is None:
-        return replay.sample(batch_size)
-    num_offline = round(offline_ratio * batch_size)
-    return tuple(torch.cat(parts) for parts in zip(replay.sample(batch_size - num_offline),
-                                                   offline.sample(num_offline)))
-
-
-CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values")
-
-
-def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
-    """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
-    steps; the loss is the mean over members, as CleanRL logs it) and each sample's |TD error| (mean over
-    members) for the adaptive C-VAE."""
-    q_values = critic(obs, actions)
-    qf_loss = (q_values - target).pow(2).mean(1).sum()
-    critic_optimizer.zero_grad()
-    qf_loss.backward()
-    critic_optimizer.step()
-    q_values = q_values.detach()
-    metrics = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
-    return metrics, (q_values - target).abs().mean(0)
-
-
-@torch.no_grad()
-def soft_update(target_params: list, online_params: list, tau: float):
-    torch._foreach_lerp_(target_params, online_params, tau)
-
-
-class MetricMeans:
-    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
-
-    def __init__(self, names):
-        self.names, self.total, self.count = names, None, 0
-
-    def add(self, values: Optional[torch.Tensor]):
-        if values is not None:
-            self.total = values.clone() if self.total is None else self.total + values
-            self.count += 1
-
-    def write(self, writer: SummaryWriter, step: int):
-        if self.count:
-            for name, value in zip(self.names, (self.total / self.count).tolist()):
-                writer.add_scalar(name, value, step)
-        self.total, self.count = None, 0
-# --- end shared ---
-
-
-# --- shared: offline dataset ---
-def load_dataset(dataset_id: str) -> dict:
-    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
-    checkpoint records (environment, action bounds, reference scores)."""
+# --- shared: offline transitions ---
+def read_transitions(dataset_id: str):
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated), checked finite;
+    returns them and the open dataset."""
     import minari
 
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
@@ -767,25 +926,7 @@ def load_dataset(dataset_id: str) -> dict:
     for key, value in data.items():
         if not np.isfinite(value).all():
             fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
-    try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
-        recovered = dataset.recover_environment(eval_env=True)
-        env_spec = recovered.spec
-        recovered.close()
-    except Exception as exc:
-        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
-    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
-    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
-    if env_spec.max_episode_steps is not None:
-        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
-    metadata = dataset.storage.metadata
-    ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
-    if None in ref_scores:
-        print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
-        ref_scores = (0.0, 100.0)
-    return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
-                action_low=np.asarray(space.low, dtype=np.float32),
-                action_high=np.asarray(space.high, dtype=np.float32),
-                ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+    return data, dataset
 # --- end shared ---
 
 
@@ -793,7 +934,7 @@ def load_dataset(dataset_id: str) -> dict:
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
 
 
-def load_online_checkpoint(args, algo: str):
+def check_args_and_read_checkpoint(args, algo: str):
     """Checks the arguments and the output place, then loads the offline checkpoint and checks its fields."""
     check_numbers(args, positive=("total_timesteps", "utd", "batch_size", "critic_lr", "actor_lr", "cvae_lr",
                                   "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
@@ -814,7 +955,7 @@ def load_online_checkpoint(args, algo: str):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; make it with "
              f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
-    return load_checkpoint(path, algo), path
+    return read_checkpoint(path, algo), path
 
 
 def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
@@ -835,25 +976,6 @@ def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render
     return env
 
 
-def loaded(module: nn.Module, state_dict: dict, what: str, path: str, device: torch.device) -> nn.Module:
-    load_weights(module, state_dict, what, path)
-    return module.to(device)
-
-
-def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
-    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
-    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
-    state = checkpoint["critic"]
-    num_critics = num_critics or next(iter(state.values())).shape[0]
-    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    critic, critic_target, q_offline = (
-        loaded(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path, device)
-        for _ in range(3)
-    )
-    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
-
-
 def method_name(args) -> str:
     """What the run does, for its name: e.g. cvae-next-adaptive, even-static, none, none-offline0.5."""
     if args.coef_mode == "none":
@@ -866,7 +988,9 @@ def method_name(args) -> str:
 
 
 def start_run(args, checkpoint: dict, path: str):
-    """Seeds everything, names the run after the method, opens its log with the hyperparameters."""
+    """Seeds everything, names the run after the method, opens its log with the hyperparameters; returns the run's
+    name, its log and a separately seeded environment for the deterministic evaluations (recorded with
+    --capture-video)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -874,16 +998,13 @@ def start_run(args, checkpoint: dict, path: str):
     settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
                 "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
                 "offline_normalized_score": checkpoint["offline_normalized_score"]}
-    return run_name, open_run_log(args, run_name, settings)
-
-
-def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
-    """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
-    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
-                           render_mode="rgb_array" if args.capture_video else None)
+    writer = open_run_log(args, run_name, settings)
+    eval_env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
+                                render_mode="rgb_array" if args.capture_video else None)
     if args.capture_video:
-        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
-    return env
+        eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}",
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return run_name, writer, eval_env
 
 
 def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
@@ -943,7 +1064,7 @@ def offline_replay(args, checkpoint: dict, device: torch.device) -> Optional[Rep
     if checkpoint["dataset_id"] not in minari.list_local_datasets():
         fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which is not in the "
              "Minari store; make or import it again, or leave out --offline-data-ratio")
-    data = load_dataset(checkpoint["dataset_id"])
+    data, _ = read_transitions(checkpoint["dataset_id"])
     mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
     low, high = np.asarray(checkpoint["action_low"]), np.asarray(checkpoint["action_high"])
     if data["observations"].shape[1] != checkpoint["obs_dim"] or data["actions"].shape[1] != checkpoint["act_dim"]:
@@ -977,71 +1098,45 @@ def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, n
     path = os.path.join(args.run_dir, run_name, "model.pt")
     save_checkpoint(payload, path)
     print(f"saved {path}")
+
+
+class MetricMeans:
+    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
+
+    def __init__(self, names):
+        self.names, self.total, self.count = names, None, 0
+
+    def add(self, values: Optional[torch.Tensor]):
+        if values is not None:
+            self.total = values.clone() if self.total is None else self.total + values
+            self.count += 1
+
+    def write(self, writer: SummaryWriter, step: int):
+        if self.count:
+            for name, value in zip(self.names, (self.total / self.count).tolist()):
+                writer.add_scalar(name, value, step)
+        self.total, self.count = None, 0
+
+
+def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
+    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
+    samg/p_auroc (Guidance.separation at the batch's states)."""
+    writer.add_histogram("samg/p", p, step)
+    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
+    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
+        writer.add_scalar(name, value, step)
+    if guidance.coef_mode == "cvae":
+        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
 # --- end shared ---
 
 
-class ValueAsCritic(nn.Module):
-    """V(s) where the shared SAMG code expects a critic ensemble Q(s, a) -> [N, B]: one member that ignores the
-    action."""
-
-    def __init__(self, value: StateValue):
-        super().__init__()
-        self.value = value
-
-    def forward(self, obs: torch.Tensor, actions: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.value(obs)[None]
-
-
-def iql_target(batch, actor: GaussianActor, value: ValueAsCritic, value_offline: ValueAsCritic, guidance: Guidance,
-               gamma: float, diagnose: bool):
-    """IQL's target r + gamma V(s') with SAMG's mix on the state value: y = r + gamma (1 - d) [(1 - p) V(s') +
-    p V_off(s')]; samg_metrics' qbar/qoff values are then V(s') and V_off(s'). a' ~ pi(s') is drawn only to find
-    the pair p is evaluated at (--p-at next or both); no value of an action is computed at s'."""
-    needs_next_action = guidance.args.coef_mode == "cvae" and guidance.args.p_at != "sample"
-    next_actions = actor.act(batch[3], deterministic=False) if needs_next_action else None
-    return samg_target(batch, next_actions, 0.0, value, value_offline, guidance, gamma, diagnose)
-
-
-def update_critic(batch, actor, critic, value, value_offline, guidance, critic_optimizer, gamma: float,
-                  diagnose: bool):
-    with torch.no_grad():
-        target, p, samg_metrics = iql_target(batch, actor, value, value_offline, guidance, gamma, diagnose)
-    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
-    guidance.observe(td_error)
-    return metrics, samg_metrics, td_error, p
-
-
-def update_value(obs, actions, critic_target, value, value_optimizer, expectile: float):
-    """V regresses to an upper expectile of the target critics' Q at the batch's own actions. Returns the loss and
-    the advantage Q - V(s) from before the step, which the actor is weighted by (as IQL orders it)."""
-    with torch.no_grad():
-        q_data = critic_target(obs, actions).min(0).values
-    advantage = q_data - value(obs)
-    value_loss = expectile_loss(advantage, expectile)
-    value_optimizer.zero_grad()
-    value_loss.backward()
-    value_optimizer.step()
-    return value_loss.detach().reshape(1), advantage.detach()
-
-
-def update_actor(obs, actions, advantage, actor, actor_optimizer, beta: float, max_weight: float):
-    """Advantage-weighted regression on the online batch: log pi(a|s) weighted by exp(beta (Q(s, a) - V(s)))."""
-    actor_loss = advantage_weighted_regression(actor, obs, actions, advantage, beta, max_weight)
-    actor_optimizer.zero_grad()
-    actor_loss.backward()
-    actor_optimizer.step()
-    return actor_loss.detach().reshape(1)
-
-
-ACTOR_METRICS = ("losses/actor_loss",)
-VALUE_METRICS = ("losses/value_loss",)
-
-
-def loaded_values(checkpoint: dict, path: str, device: torch.device):
-    """The online value V and the frozen offline value V_off, both loaded from the checkpoint's `value`."""
-    value, value_offline = (loaded(StateValue(checkpoint["obs_dim"], checkpoint["hidden_dims"]), checkpoint["value"],
-                                   "value network", path, device) for _ in range(2))
-    return value, value_offline.requires_grad_(False)
+def read_checked_checkpoint(args: Args):
+    """This script's own flags and checkpoint fields, after the checks every online script makes."""
+    check_numbers(args, positive=("iql_beta", "iql_max_weight"))
+    check_expectile(args.iql_expectile)
+    checkpoint, checkpoint_path = check_args_and_read_checkpoint(args, OFFLINE_ALGO)
+    iql_settings(args, checkpoint, checkpoint_path)
+    return checkpoint, checkpoint_path
 
 
 def iql_settings(args, checkpoint: dict, path: str):
@@ -1062,102 +1157,4 @@ def iql_settings(args, checkpoint: dict, path: str):
 
 if __name__ == "__main__":
     sys.excepthook = exit_quietly_on_interrupt
-    args = tyro.cli(Args)
-    check_numbers(args, positive=("iql_beta", "iql_max_weight"))
-    check_expectile(args.iql_expectile)
-    checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
-    iql_settings(args, checkpoint, checkpoint_path)
-    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
-    run_name, writer = start_run(args, checkpoint, checkpoint_path)
-    eval_env = make_eval_env(args, checkpoint, checkpoint_path, run_name)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    actor = loaded(GaussianActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor", checkpoint_path, device)
-    critic, critic_target, _ = build_critics(checkpoint, args.num_critics, checkpoint_path, device)  # no Q_off: V_off
-    value, value_offline = loaded_values(checkpoint, checkpoint_path, device)
-    value_as_critic, value_offline_as_critic = ValueAsCritic(value), ValueAsCritic(value_offline)
-    cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
-                  checkpoint_path, device)
-    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    value_optimizer = torch.optim.Adam(value.parameters(), lr=args.critic_lr, fused=True)  # as offline
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
-    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
-    update_critic, update_value, update_actor, update_cvae = compiled(args, update_critic, update_value, update_actor,
-                                                                      update_cvae_on_mastered)
-    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
-
-    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
-    offline = offline_replay(args, checkpoint, device)
-    normalize = observation_normalizer(checkpoint)
-    low, high = env.action_space.low, env.action_space.high
-    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
-    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
-    value_metrics = MetricMeans(VALUE_METRICS)
-    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
-    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
-    refresh_v_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
-
-    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
-    try:
-        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
-        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
-        obs = normalize(env.reset(seed=args.seed)[0])
-        for global_step in range(1, args.total_timesteps + 1):
-            with torch.no_grad():  # the pretrained policy explores from the first step on
-                action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
-            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
-            next_obs = normalize(raw_next_obs)
-            # done = terminated only: a time limit never stops bootstrapping
-            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
-            replay.add(obs, action, training_reward, next_obs, terminated)
-            episodes.step(reward, info, terminated or truncated, global_step)
-            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
-            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
-
-            if global_step > args.learning_starts:
-                if args.p_fade == "linear":
-                    guidance.scale.fill_(max(0.0, 1.0 - global_step / args.p_fade_steps))
-                for _ in range(args.utd):
-                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
-                    # IQL's order: the critics' target uses V before its step, the actor the advantage before it
-                    metrics, samg, td_error, p = update_critic(batch, actor, critic, value_as_critic,
-                                                               value_offline_as_critic, guidance, critic_optimizer,
-                                                               args.gamma, diagnose=log_step)
-                    critic_metrics.add(metrics)
-                    samg_metrics.add(samg)
-                    if learn_cvae and num_updates % args.cvae_update_every == 0:
-                        cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
-                                                     args.mastered_quantile))
-                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
-                            guidance.recalibrate()
-                    value_loss, advantage = update_value(batch[0], batch[1], critic_target, value, value_optimizer,
-                                                         args.iql_expectile)
-                    value_metrics.add(value_loss)
-                    actor_metrics.add(update_actor(batch[0], batch[1], advantage, actor, actor_optimizer,
-                                                   args.iql_beta, args.iql_max_weight))
-                    soft_update(target_params, online_params, args.tau)
-                    num_updates += 1
-                if log_step and args.coef_mode != "none":
-                    log_p(writer, guidance, p, batch[0], global_step)
-            if refresh_v_offline and global_step % args.qoff_refresh_every == 0:  # the refresh of Q_off, on V
-                value_offline.load_state_dict(value.state_dict())
-
-            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
-                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
-            if log_step:
-                log_progress(writer, (critic_metrics, value_metrics, actor_metrics, samg_metrics, cvae_metrics),
-                             global_step, progress, score)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
-    if args.save_model:
-        save_model(args, run_name, checkpoint, global_step, score,
-                   dict(actor=actor, critic=critic, value=value, cvae=cvae))
-    env.close()
-    eval_env.close()
-    writer.close()
-    if interrupted:
-        raise SystemExit(130)
-    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
+    main(tyro.cli(Args))

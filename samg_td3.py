@@ -9,7 +9,6 @@ state-action coefficient p(s, a) from the offline C-VAE (`samg_coefficient`, `gu
 """
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import random
@@ -18,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
-
 import gymnasium as gym
 import numpy as np
 import torch
@@ -26,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
 OFFLINE_ALGO = "td3bc"  # the `pretrain_offline.py --algo` whose checkpoint this script fine-tunes
 
 
@@ -137,11 +134,6 @@ class Args(OnlineArgs):
 
 
 # --- shared: environment ---
-def fail(message: str):
-    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
-    raise SystemExit(f"error: {message}")
-
-
 def flatten_obs(obs):
     """Dict observations (antmaze) become [observation, achieved_goal, desired_goal]; the ant's own position
     is in achieved_goal, so leaving it out would blind the policy."""
@@ -163,85 +155,6 @@ def make_env(gym_id: str, gym_kwargs: dict, seed: int, render_mode: Optional[str
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The networks act in [-1, 1]; the environment gets [low, high]."""
     return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
-# --- end shared ---
-
-
-# --- shared: checks, logs and progress ---
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
-    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
-             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
-    for fields, allowed, what in rules:
-        for field in fields:
-            value = getattr(args, field)
-            values = list(value) if isinstance(value, (tuple, list)) else [value]
-            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
-                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
-
-
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
-
-
-def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
-    if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    sys.__excepthook__(exc_type, exc, traceback)
-
-
-def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
-    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-    return writer
-
-
-def duration(seconds: float) -> str:
-    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
-    seconds = int(seconds) if math.isfinite(seconds) else 0
-    days, seconds = divmod(seconds, 86_400)
-    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
-    return f"{days}d {clock}" if days else clock
-
-
-class Progress:
-    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
-    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.last_time, self.last_step = time.time(), 0
-
-    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
-        """Prints if it is time and returns the recent steps per second, else returns None."""
-        now = time.time()
-        if not (force or step == self.total or now - self.last_time >= self.every):
-            return None
-        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = duration((self.total - step) / sps) if sps > 0 else "?"
-        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
-        self.last_time, self.last_step = now, step
-        return sps
 # --- end shared ---
 
 
@@ -356,136 +269,6 @@ def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, acti
 # --- end shared ---
 
 
-# --- shared: checkpoint I/O ---
-CHECKPOINT_FORMAT = "samg-offline-1"
-CHECKPOINT_KEYS = (
-    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
-    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
-    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
-)
-
-
-def save_checkpoint(payload: dict, path: str):
-    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(payload, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def load_checkpoint(path: str, algo: str) -> dict:
-    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
-    if checkpoint["algo"] != algo:
-        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
-             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
-    check_checkpoint_fields(checkpoint, path)
-    return checkpoint
-
-
-def check_checkpoint_fields(checkpoint: dict, path: str):
-    """Every field besides the weights is checked for type, shape and finiteness, so a damaged or hand-edited
-    checkpoint is one sentence here instead of a traceback or silent nan later."""
-    def bad(key: str, what: str):
-        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
-
-    def tensor(key: str, value, shape=None, positive=False) -> torch.Tensor:
-        try:
-            value = torch.as_tensor(value, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            bad(key, "not numbers")
-        if shape is not None and tuple(value.shape) != shape:
-            bad(key, f"shape {tuple(value.shape)} where {shape} is needed")
-        if not torch.isfinite(value).all() or (positive and not (value > 0).all()):
-            bad(key, "values that are not finite" + (" and positive" if positive else ""))
-        return value
-
-    for key in ("obs_dim", "act_dim", "latent_dim"):
-        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
-            bad(key, f"{checkpoint[key]!r} is not a positive integer")
-    hidden = checkpoint["hidden_dims"]
-    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
-        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
-    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
-        bad("gym_id or gym_kwargs", "not a string and a dict")
-    obs_dim, act_dim = checkpoint["obs_dim"], checkpoint["act_dim"]
-    tensor("obs_mean", checkpoint["obs_mean"], (obs_dim,))
-    tensor("obs_std", checkpoint["obs_std"], (obs_dim,), positive=True)
-    low, high = tensor("action_low", checkpoint["action_low"], (act_dim,)), tensor("action_high",
-                                                                                  checkpoint["action_high"], (act_dim,))
-    if not (low < high).all():
-        bad("action_low", "not below action_high everywhere")
-    for key in ("reward_scale", "reward_bias", "ref_min_score", "ref_max_score"):
-        tensor(key, checkpoint[key], ())
-    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
-        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
-    if "log_alpha" in checkpoint and tensor("log_alpha", checkpoint["log_alpha"]).numel() != 1:
-        bad("log_alpha", "not a single number")
-    calibration = checkpoint["cvae_calibration"]
-    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
-        bad("cvae_calibration", "no neg_elbo_quantiles")
-    quantiles = tensor("neg_elbo_quantiles", calibration["neg_elbo_quantiles"])
-    if quantiles.dim() != 1 or quantiles.numel() < 2 or not (quantiles[1:] >= quantiles[:-1]).all():
-        bad("neg_elbo_quantiles", "not a sorted 1-d list of at least two values")
-    if "reservoir_obs" in calibration:
-        count = torch.as_tensor(calibration["reservoir_obs"]).shape[0]
-        tensor("reservoir_obs", calibration["reservoir_obs"], (count, obs_dim))
-        tensor("reservoir_actions", calibration.get("reservoir_actions"), (count, act_dim))
-        if count < 2:
-            bad("reservoir_obs", "fewer than two pairs")
-
-
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str):
-    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's."""
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
-             "pretrain_offline.py")
-# --- end shared ---
-
-
-# --- shared: evaluation ---
-@torch.no_grad()
-def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
-             device: torch.device):
-    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
-    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
-    low, high = env.action_space.low, env.action_space.high
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
-            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
-            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
-            returns[episode] += float(reward)
-            lengths[episode] += 1
-            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
-            done = terminated or truncated
-    return returns, lengths, successes
-
-
-def normalized_score(returns, ref_min_score: float, ref_max_score: float):
-    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
-    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
-# --- end shared ---
-
-
 # --- shared: SAMG target ---
 def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
                      neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -511,8 +294,9 @@ class Guidance:
     never used to train anything)."""
 
     def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
-        self.args, self.cvae = args, cvae
-        self.reservoir = None
+        self.coef_mode, self.p_estimator, self.p_threshold = args.coef_mode, args.p_estimator, args.p_threshold
+        self.p_at, self.p_fade, self.p_fade_steps = args.p_at, args.p_fade, args.p_fade_steps
+        self.cvae, self.reservoir = cvae, None
         if "reservoir_obs" in calibration:
             self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
             self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
@@ -520,7 +304,7 @@ class Guidance:
         else:  # an older checkpoint: the fixed offline calibration
             self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
         self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
-        self.scale = torch.ones((), device=device)  # the linear fade's factor, set by the training loop
+        self.scale = torch.ones((), device=device)  # the linear fade's factor (advance)
         self.probe = torch.Generator(device=device).manual_seed(0)  # separation's actions: training's RNG untouched
 
     @torch.no_grad()
@@ -543,7 +327,7 @@ class Guidance:
             return torch.full((), math.nan)
 
         def p_vae(o, a):
-            if self.args.p_estimator == "latent":
+            if self.p_estimator == "latent":
                 return p_latent(self.cvae, o, a)
             return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
 
@@ -553,25 +337,29 @@ class Guidance:
         above = (familiar[:, None] > novel[None, :]).float().mean()
         return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
 
+    def advance(self, step: int):
+        """--p-fade linear: p's factor falls from 1 at step 0 to 0 after --p-fade-steps steps."""
+        if self.p_fade == "linear":
+            self.scale.fill_(max(0.0, 1.0 - step / self.p_fade_steps))
+
     def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
         """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded.
         `next_actions` are the actions at s' that p is taken at (see samg_target)."""
         obs, actions, _, next_obs, _ = batch
-        args = self.args
 
         def at(o, a):
-            return samg_coefficient(args.coef_mode, args.p_estimator, args.p_threshold, self.cvae,
+            return samg_coefficient(self.coef_mode, self.p_estimator, self.p_threshold, self.cvae,
                                     self.neg_elbo_reference, o, a)
 
-        if args.coef_mode != "cvae" or args.p_at == "sample":
+        if self.coef_mode != "cvae" or self.p_at == "sample":
             p = at(obs, actions)
-        elif args.p_at == "next":
+        elif self.p_at == "next":
             p = at(next_obs, next_actions)
         else:
             p = at(obs, actions) * at(next_obs, next_actions)
-        if args.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
+        if self.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
             p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
-        elif args.p_fade == "linear":
+        elif self.p_fade == "linear":
             p = p * self.scale
         return p
 
@@ -579,17 +367,6 @@ class Guidance:
 def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
     """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
     return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
-
-
-def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
-    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
-    samg/p_auroc (Guidance.separation at the batch's states)."""
-    writer.add_histogram("samg/p", p, step)
-    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
-    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
-        writer.add_scalar(name, value, step)
-    if guidance.args.coef_mode == "cvae":
-        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
 
 
 SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
@@ -604,7 +381,7 @@ def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_off
     asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
     _, _, rewards, next_obs, dones = batch
     next_value_target = critic_target(next_obs, next_actions).min(0).values
-    if guidance.args.coef_mode == "none" and not diagnose:
+    if guidance.coef_mode == "none" and not diagnose:
         p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
         return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
     next_value_offline = q_offline(next_obs, next_actions).min(0).values
@@ -628,7 +405,21 @@ def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, 
 # --- end shared ---
 
 
-# --- shared: online training ---
+# --- shared: critics, replay and the critic step ---
+def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
+    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
+    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
+    state = checkpoint["critic"]
+    num_critics = num_critics or next(iter(state.values())).shape[0]
+    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    critic, critic_target, q_offline = (
+        load_weights(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path).to(device)
+        for _ in range(3)
+    )
+    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
+
+
 class ReplayBuffer:
     """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
 
@@ -680,31 +471,356 @@ def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
 @torch.no_grad()
 def soft_update(target_params: list, online_params: list, tau: float):
     torch._foreach_lerp_(target_params, online_params, tau)
-
-
-class MetricMeans:
-    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
-
-    def __init__(self, names):
-        self.names, self.total, self.count = names, None, 0
-
-    def add(self, values: Optional[torch.Tensor]):
-        if values is not None:
-            self.total = values.clone() if self.total is None else self.total + values
-            self.count += 1
-
-    def write(self, writer: SummaryWriter, step: int):
-        if self.count:
-            for name, value in zip(self.names, (self.total / self.count).tolist()):
-                writer.add_scalar(name, value, step)
-        self.total, self.count = None, 0
 # --- end shared ---
 
 
-# --- shared: offline dataset ---
-def load_dataset(dataset_id: str) -> dict:
-    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated) and the facts the
-    checkpoint records (environment, action bounds, reference scores)."""
+def td3_target(batch, actor_target: DeterministicActor, critic_target: CriticEnsemble, q_offline: CriticEnsemble,
+               guidance: Guidance, args: Args, diagnose: bool):
+    """TD3's target (clipped double Q, target policy smoothing) with SAMG's mix."""
+    actions, next_obs = batch[1], batch[3]
+    noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+    policy_actions = actor_target(next_obs)
+    next_actions = (policy_actions + noise).clamp(-1.0, 1.0)
+    p_actions = policy_actions if args.p_next_action == "deterministic" else None
+    return samg_target(batch, next_actions, 0.0, critic_target, q_offline, guidance, args.gamma, diagnose, p_actions)
+
+
+def update_critic(batch, actor_target, critic, critic_target, q_offline, guidance, critic_optimizer, args: Args,
+                  diagnose: bool):
+    with torch.no_grad():
+        target, p, samg_metrics = td3_target(batch, actor_target, critic_target, q_offline, guidance, args, diagnose)
+    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
+    guidance.observe(td_error)
+    return metrics, samg_metrics, td_error, p
+
+
+def update_actor(obs, actor, critic, actor_optimizer):
+    """TD3's actor loss on the first critic; online there is no behaviour-cloning term."""
+    actor_loss = -critic(obs, actor(obs))[0].mean()
+    actor_optimizer.zero_grad()
+    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
+    actor_optimizer.step()
+    return actor_loss.detach().reshape(1)
+
+
+ACTOR_METRICS = ("losses/actor_loss",)
+
+
+def main(args: Args):
+    checkpoint, checkpoint_path = read_checked_checkpoint(args)
+    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
+    run_name, writer, eval_env = start_run(args, checkpoint, checkpoint_path)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    actor, actor_target = (load_weights(DeterministicActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor",
+                                        checkpoint_path).to(device) for _ in range(2))
+    critic, critic_target, q_offline = build_critics(checkpoint, args.num_critics, checkpoint_path, device)
+    cvae = load_weights(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
+                        checkpoint_path).to(device)
+    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
+    critic_update, actor_update, cvae_update = compiled(args, update_critic, update_actor, update_cvae_on_mastered)
+    target_params = [*critic_target.parameters(), *actor_target.requires_grad_(False).parameters()]
+    online_params = [*critic.parameters(), *actor.parameters()]
+
+    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
+    offline = offline_replay(args, checkpoint, device)
+    normalize = observation_normalizer(checkpoint)
+    low, high = env.action_space.low, env.action_space.high
+    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
+    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
+    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
+    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
+    refresh_q_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
+
+    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
+    try:
+        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
+        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+        obs = normalize(env.reset(seed=args.seed)[0])
+        for global_step in range(1, args.total_timesteps + 1):
+            with torch.no_grad():  # the pretrained policy explores from the first step on
+                action = actor(torch.as_tensor(obs, device=device)[None])[0]
+                action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0).cpu().numpy()
+            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            next_obs = normalize(raw_next_obs)
+            # done = terminated only: a time limit never stops bootstrapping
+            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
+            replay.add(obs, action, training_reward, next_obs, terminated)
+            episodes.step(reward, info, terminated or truncated, global_step)
+            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
+            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
+
+            if global_step > args.learning_starts:
+                guidance.advance(global_step)
+                for _ in range(args.utd):
+                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
+                    metrics, samg, td_error, p = critic_update(batch, actor_target, critic, critic_target, q_offline,
+                                                               guidance, critic_optimizer, args, diagnose=log_step)
+                    critic_metrics.add(metrics)
+                    samg_metrics.add(samg)
+                    if learn_cvae and num_updates % args.cvae_update_every == 0:
+                        cvae_metrics.add(cvae_update(cvae, cvae_optimizer, batch[0], batch[1], td_error,
+                                                     args.mastered_quantile))
+                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
+                            guidance.recalibrate()
+                    if num_updates % args.policy_freq == 0:  # delayed actor and target updates
+                        actor_metrics.add(actor_update(batch[0], actor, critic, actor_optimizer))
+                        soft_update(target_params, online_params, args.tau)
+                    num_updates += 1
+                if log_step and args.coef_mode != "none":
+                    log_p(writer, guidance, p, batch[0], global_step)
+            if refresh_q_offline and global_step % args.qoff_refresh_every == 0:
+                q_offline.load_state_dict(critic.state_dict())
+
+            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
+                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
+            if log_step:
+                log_progress(writer, (critic_metrics, actor_metrics, samg_metrics, cvae_metrics), global_step,
+                             progress, score)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
+    if args.save_model:
+        save_model(args, run_name, checkpoint, global_step, score, dict(actor=actor, critic=critic, cvae=cvae))
+    for resource in (env, eval_env, writer):
+        resource.close()
+    if interrupted:
+        raise SystemExit(130)
+    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
+
+
+# ======================================================================================================================
+# The algorithm ends here. Nothing below changes what is learned: the checks of flags and checkpoints, the checkpoint
+# and model files, the offline dataset (read only for --offline-data-ratio), run logs, progress and interrupts.
+# ======================================================================================================================
+
+
+# --- shared: checks, logs and progress ---
+def fail(message: str):
+    """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
+             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
+    for fields, allowed, what in rules:
+        for field in fields:
+            value = getattr(args, field)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
+                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
+
+
+def check_writable(directory: str, flag_name: str):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
+    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+
+
+def exit_quietly_on_interrupt(exc_type, exc, traceback):
+    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    sys.__excepthook__(exc_type, exc, traceback)
+
+
+def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
+    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=settings, name=run_name, save_code=True)
+    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    days, seconds = divmod(seconds, 86_400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{days}d {clock}" if days else clock
+
+
+class Progress:
+    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
+    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.last_time, self.last_step = time.time(), 0
+
+    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
+        """Prints if it is time and returns the recent steps per second, else returns None."""
+        now = time.time()
+        if not (force or step == self.total or now - self.last_time >= self.every):
+            return None
+        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = duration((self.total - step) / sps) if sps > 0 else "?"
+        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
+        self.last_time, self.last_step = now, step
+        return sps
+# --- end shared ---
+
+
+# --- shared: checkpoint I/O ---
+CHECKPOINT_FORMAT = "samg-offline-1"
+CHECKPOINT_KEYS = (
+    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
+    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
+    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+)
+
+
+def save_checkpoint(payload: dict, path: str):
+    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def read_checkpoint(path: str, algo: str) -> dict:
+    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
+    if checkpoint["algo"] != algo:
+        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
+             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
+    check_checkpoint_fields(checkpoint, path)
+    return checkpoint
+
+
+# the numeric fields besides the weights: (field, shape, rule); a shape names sizes the checkpoint states, or sizes
+# bound where first seen (the quantiles' and the reservoir's lengths); "one" is a single number
+CHECKPOINT_NUMBERS = (
+    ("obs_mean", ("obs_dim",), "finite"), ("obs_std", ("obs_dim",), "positive"), ("action_low", ("act_dim",), "finite"),
+    ("action_high", ("act_dim",), "finite"), ("reward_scale", (), "finite"), ("reward_bias", (), "finite"),
+    ("ref_min_score", (), "finite"), ("ref_max_score", (), "finite"), ("log_alpha", "one", "finite"),
+    ("neg_elbo_quantiles", ("quantiles",), "sorted"), ("reservoir_obs", ("reservoir", "obs_dim"), "finite"),
+    ("reservoir_actions", ("reservoir", "act_dim"), "finite"),
+)
+
+
+def check_checkpoint_fields(checkpoint: dict, path: str):
+    """Every field besides the weights is checked for type, shape and finiteness (CHECKPOINT_NUMBERS), so a damaged
+    or hand-edited checkpoint is one sentence here instead of a traceback or silent nan later."""
+    def bad(key: str, what: str):
+        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
+
+    for key in ("obs_dim", "act_dim", "latent_dim"):
+        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
+            bad(key, f"{checkpoint[key]!r} is not a positive integer")
+    hidden = checkpoint["hidden_dims"]
+    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
+        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
+    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
+        bad("gym_id or gym_kwargs", "not a string and a dict")
+    calibration = checkpoint["cvae_calibration"]
+    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
+        bad("cvae_calibration", "no neg_elbo_quantiles")
+    fields, sizes = {**calibration, **checkpoint}, dict(checkpoint)
+    for key, shape, rule in CHECKPOINT_NUMBERS:
+        if key not in fields and (key == "log_alpha" or "reservoir_obs" not in calibration):
+            continue  # log_alpha: cql only; the reservoir: checkpoints written since it was added
+        try:
+            value = torch.as_tensor(fields.get(key), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            bad(key, "not numbers")
+        if shape == "one" and value.numel() != 1:
+            bad(key, "not a single number")
+        needed = tuple(sizes.setdefault(size, got) for size, got in zip(shape, value.shape)) if shape != "one" else ()
+        if shape != "one" and (value.dim() != len(shape) or tuple(value.shape) != needed):
+            bad(key, "not a sorted 1-d list of at least two values" if rule == "sorted" else
+                f"shape {tuple(value.shape)} where {tuple(sizes.get(size, '?') for size in shape)} is needed")
+        if not torch.isfinite(value).all() or (rule == "positive" and not (value > 0).all()):
+            bad(key, "values that are not finite" + (" and positive" if rule == "positive" else ""))
+        if rule == "sorted" and (value.numel() < 2 or not (value[1:] >= value[:-1]).all()):
+            bad(key, "not a sorted 1-d list of at least two values")
+    if not (torch.as_tensor(checkpoint["action_low"]) < torch.as_tensor(checkpoint["action_high"])).all():
+        bad("action_low", "not below action_high everywhere")
+    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
+        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
+    if sizes.get("reservoir", 2) < 2:
+        bad("reservoir_obs", "fewer than two pairs")
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> nn.Module:
+    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's;
+    returns the module."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
+             "pretrain_offline.py")
+    return module
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, obs_mean: np.ndarray, obs_std: np.ndarray, episodes: int, seed: int,
+             device: torch.device):
+    """Deterministic episodes; returns raw returns, lengths and success flags (goal tasks report `success`)."""
+    returns, lengths, successes = np.zeros(episodes), np.zeros(episodes, dtype=np.int64), np.zeros(episodes)
+    low, high = env.action_space.low, env.action_space.high
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor((flatten_obs(obs) - obs_mean) / obs_std, dtype=torch.float32, device=device)
+            action = actor.act(obs_t.unsqueeze(0), deterministic=True)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
+            returns[episode] += float(reward)
+            lengths[episode] += 1
+            successes[episode] = max(successes[episode], float(info.get("success", 0.0)))
+            done = terminated or truncated
+    return returns, lengths, successes
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalized score, x100: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(returns) - ref_min_score) / (ref_max_score - ref_min_score)
+# --- end shared ---
+
+
+# --- shared: offline transitions ---
+def read_transitions(dataset_id: str):
+    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated), checked finite;
+    returns them and the open dataset."""
     import minari
 
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
@@ -730,25 +846,7 @@ def load_dataset(dataset_id: str) -> dict:
     for key, value in data.items():
         if not np.isfinite(value).all():
             fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
-    try:  # the evaluation environment the dataset records (Minari falls back to the collection environment)
-        recovered = dataset.recover_environment(eval_env=True)
-        env_spec = recovered.spec
-        recovered.close()
-    except Exception as exc:
-        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
-    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
-    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
-    if env_spec.max_episode_steps is not None:
-        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
-    metadata = dataset.storage.metadata
-    ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
-    if None in ref_scores:
-        print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
-        ref_scores = (0.0, 100.0)
-    return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
-                action_low=np.asarray(space.low, dtype=np.float32),
-                action_high=np.asarray(space.high, dtype=np.float32),
-                ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+    return data, dataset
 # --- end shared ---
 
 
@@ -756,7 +854,7 @@ def load_dataset(dataset_id: str) -> dict:
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
 
 
-def load_online_checkpoint(args, algo: str):
+def check_args_and_read_checkpoint(args, algo: str):
     """Checks the arguments and the output place, then loads the offline checkpoint and checks its fields."""
     check_numbers(args, positive=("total_timesteps", "utd", "batch_size", "critic_lr", "actor_lr", "cvae_lr",
                                   "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
@@ -777,7 +875,7 @@ def load_online_checkpoint(args, algo: str):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; make it with "
              f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
-    return load_checkpoint(path, algo), path
+    return read_checkpoint(path, algo), path
 
 
 def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
@@ -798,25 +896,6 @@ def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render
     return env
 
 
-def loaded(module: nn.Module, state_dict: dict, what: str, path: str, device: torch.device) -> nn.Module:
-    load_weights(module, state_dict, what, path)
-    return module.to(device)
-
-
-def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
-    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
-    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
-    state = checkpoint["critic"]
-    num_critics = num_critics or next(iter(state.values())).shape[0]
-    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    critic, critic_target, q_offline = (
-        loaded(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path, device)
-        for _ in range(3)
-    )
-    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
-
-
 def method_name(args) -> str:
     """What the run does, for its name: e.g. cvae-next-adaptive, even-static, none, none-offline0.5."""
     if args.coef_mode == "none":
@@ -829,7 +908,9 @@ def method_name(args) -> str:
 
 
 def start_run(args, checkpoint: dict, path: str):
-    """Seeds everything, names the run after the method, opens its log with the hyperparameters."""
+    """Seeds everything, names the run after the method, opens its log with the hyperparameters; returns the run's
+    name, its log and a separately seeded environment for the deterministic evaluations (recorded with
+    --capture-video)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -837,16 +918,13 @@ def start_run(args, checkpoint: dict, path: str):
     settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
                 "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
                 "offline_normalized_score": checkpoint["offline_normalized_score"]}
-    return run_name, open_run_log(args, run_name, settings)
-
-
-def make_eval_env(args, checkpoint: dict, path: str, run_name: str):
-    """A separately seeded environment for the deterministic evaluations (recorded with --capture-video)."""
-    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
-                           render_mode="rgb_array" if args.capture_video else None)
+    writer = open_run_log(args, run_name, settings)
+    eval_env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
+                                render_mode="rgb_array" if args.capture_video else None)
     if args.capture_video:
-        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e % args.eval_episodes == 0)
-    return env
+        eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}",
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return run_name, writer, eval_env
 
 
 def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
@@ -906,7 +984,7 @@ def offline_replay(args, checkpoint: dict, device: torch.device) -> Optional[Rep
     if checkpoint["dataset_id"] not in minari.list_local_datasets():
         fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which is not in the "
              "Minari store; make or import it again, or leave out --offline-data-ratio")
-    data = load_dataset(checkpoint["dataset_id"])
+    data, _ = read_transitions(checkpoint["dataset_id"])
     mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
     low, high = np.asarray(checkpoint["action_low"]), np.asarray(checkpoint["action_high"])
     if data["observations"].shape[1] != checkpoint["obs_dim"] or data["actions"].shape[1] != checkpoint["act_dim"]:
@@ -940,130 +1018,45 @@ def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, n
     path = os.path.join(args.run_dir, run_name, "model.pt")
     save_checkpoint(payload, path)
     print(f"saved {path}")
+
+
+class MetricMeans:
+    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
+
+    def __init__(self, names):
+        self.names, self.total, self.count = names, None, 0
+
+    def add(self, values: Optional[torch.Tensor]):
+        if values is not None:
+            self.total = values.clone() if self.total is None else self.total + values
+            self.count += 1
+
+    def write(self, writer: SummaryWriter, step: int):
+        if self.count:
+            for name, value in zip(self.names, (self.total / self.count).tolist()):
+                writer.add_scalar(name, value, step)
+        self.total, self.count = None, 0
+
+
+def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
+    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
+    samg/p_auroc (Guidance.separation at the batch's states)."""
+    writer.add_histogram("samg/p", p, step)
+    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
+    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
+        writer.add_scalar(name, value, step)
+    if guidance.coef_mode == "cvae":
+        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
 # --- end shared ---
 
 
-def td3_target(batch, actor_target: DeterministicActor, critic_target: CriticEnsemble, q_offline: CriticEnsemble,
-               guidance: Guidance, args: Args, diagnose: bool):
-    """TD3's target (clipped double Q, target policy smoothing) with SAMG's mix."""
-    actions, next_obs = batch[1], batch[3]
-    noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-    policy_actions = actor_target(next_obs)
-    next_actions = (policy_actions + noise).clamp(-1.0, 1.0)
-    p_actions = policy_actions if args.p_next_action == "deterministic" else None
-    return samg_target(batch, next_actions, 0.0, critic_target, q_offline, guidance, args.gamma, diagnose, p_actions)
-
-
-def update_critic(batch, actor_target, critic, critic_target, q_offline, guidance, critic_optimizer, args: Args,
-                  diagnose: bool):
-    with torch.no_grad():
-        target, p, samg_metrics = td3_target(batch, actor_target, critic_target, q_offline, guidance, args, diagnose)
-    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
-    guidance.observe(td_error)
-    return metrics, samg_metrics, td_error, p
-
-
-def update_actor(obs, actor, critic, actor_optimizer):
-    """TD3's actor loss on the first critic; online there is no behaviour-cloning term."""
-    actor_loss = -critic(obs, actor(obs))[0].mean()
-    actor_optimizer.zero_grad()
-    actor_loss.backward(inputs=list(actor.parameters()))  # dQ/da only: no gradient into the critic's weights
-    actor_optimizer.step()
-    return actor_loss.detach().reshape(1)
-
-
-ACTOR_METRICS = ("losses/actor_loss",)
+def read_checked_checkpoint(args: Args):
+    """This script's own flags and checkpoint fields, after the checks every online script makes."""
+    check_numbers(args, positive=("policy_freq",), non_negative=("exploration_noise", "policy_noise", "noise_clip"))
+    checkpoint, checkpoint_path = check_args_and_read_checkpoint(args, OFFLINE_ALGO)
+    return checkpoint, checkpoint_path
 
 
 if __name__ == "__main__":
     sys.excepthook = exit_quietly_on_interrupt
-    args = tyro.cli(Args)
-    check_numbers(args, positive=("policy_freq",), non_negative=("exploration_noise", "policy_noise", "noise_clip"))
-    checkpoint, checkpoint_path = load_online_checkpoint(args, OFFLINE_ALGO)
-    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
-    run_name, writer = start_run(args, checkpoint, checkpoint_path)
-    eval_env = make_eval_env(args, checkpoint, checkpoint_path, run_name)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    actor, actor_target = (loaded(DeterministicActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor",
-                                  checkpoint_path, device) for _ in range(2))
-    critic, critic_target, q_offline = build_critics(checkpoint, args.num_critics, checkpoint_path, device)
-    cvae = loaded(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
-                  checkpoint_path, device)
-    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
-    cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
-    update_critic, update_actor, update_cvae = compiled(args, update_critic, update_actor,
-                                                        update_cvae_on_mastered)
-    target_params = [*critic_target.parameters(), *actor_target.requires_grad_(False).parameters()]
-    online_params = [*critic.parameters(), *actor.parameters()]
-
-    replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
-    offline = offline_replay(args, checkpoint, device)
-    normalize = observation_normalizer(checkpoint)
-    low, high = env.action_space.low, env.action_space.high
-    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
-    critic_metrics, actor_metrics = MetricMeans(CRITIC_METRICS), MetricMeans(ACTOR_METRICS)
-    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
-    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
-    refresh_q_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
-
-    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
-    try:
-        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
-        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
-        obs = normalize(env.reset(seed=args.seed)[0])
-        for global_step in range(1, args.total_timesteps + 1):
-            with torch.no_grad():  # the pretrained policy explores from the first step on
-                action = actor(torch.as_tensor(obs, device=device)[None])[0]
-                action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0).cpu().numpy()
-            raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
-            next_obs = normalize(raw_next_obs)
-            # done = terminated only: a time limit never stops bootstrapping
-            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
-            replay.add(obs, action, training_reward, next_obs, terminated)
-            episodes.step(reward, info, terminated or truncated, global_step)
-            obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
-            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
-
-            if global_step > args.learning_starts:
-                if args.p_fade == "linear":
-                    guidance.scale.fill_(max(0.0, 1.0 - global_step / args.p_fade_steps))
-                for _ in range(args.utd):
-                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
-                    metrics, samg, td_error, p = update_critic(batch, actor_target, critic, critic_target, q_offline,
-                                                               guidance, critic_optimizer, args, diagnose=log_step)
-                    critic_metrics.add(metrics)
-                    samg_metrics.add(samg)
-                    if learn_cvae and num_updates % args.cvae_update_every == 0:
-                        cvae_metrics.add(update_cvae(cvae, cvae_optimizer, batch[0], batch[1], td_error,
-                                                     args.mastered_quantile))
-                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
-                            guidance.recalibrate()
-                    if num_updates % args.policy_freq == 0:  # delayed actor and target updates
-                        actor_metrics.add(update_actor(batch[0], actor, critic, actor_optimizer))
-                        soft_update(target_params, online_params, args.tau)
-                    num_updates += 1
-                if log_step and args.coef_mode != "none":
-                    log_p(writer, guidance, p, batch[0], global_step)
-            if refresh_q_offline and global_step % args.qoff_refresh_every == 0:
-                q_offline.load_state_dict(critic.state_dict())
-
-            if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
-                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
-            if log_step:
-                log_progress(writer, (critic_metrics, actor_metrics, samg_metrics, cvae_metrics), global_step,
-                             progress, score)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
-    if args.save_model:
-        save_model(args, run_name, checkpoint, global_step, score, dict(actor=actor, critic=critic, cvae=cvae))
-    env.close()
-    eval_env.close()
-    writer.close()
-    if interrupted:
-        raise SystemExit(130)
-    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
+    main(tyro.cli(Args))

@@ -117,8 +117,8 @@ def measure(path: Path, args: Args) -> Tuple[Dict[str, dict], str]:
     try:
         algo = torch.load(path, map_location="cpu", weights_only=True).get("algo", "")
     except Exception:
-        algo = ""  # load_checkpoint below reports the unreadable file in one sentence
-    checkpoint = po.load_checkpoint(str(path), algo)
+        algo = ""  # read_checkpoint below reports the unreadable file in one sentence
+    checkpoint = po.read_checkpoint(str(path), algo)
     data = po.load_dataset(checkpoint["dataset_id"])
     low, high = data["action_low"], data["action_high"]
     obs = torch.as_tensor((data["observations"] - checkpoint["obs_mean"].numpy()) / checkpoint["obs_std"].numpy(),

@@ -3,6 +3,7 @@
 Nothing is downloaded: every dataset is written with minari.create_dataset_from_buffers and read back through
 the scripts' real loading code.
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,6 +26,17 @@ def state_to_action(obs: np.ndarray, act_dim: int) -> np.ndarray:
     """A fixed deterministic function of the state, so dataset actions are fully predictable from states."""
     weights = np.random.default_rng(123).normal(size=(obs.shape[-1], act_dim)) / np.sqrt(obs.shape[-1])
     return np.tanh(2.0 * obs @ weights).astype(np.float32)
+
+
+def load_script(name: str, folder: str = ""):
+    """Imports the project's script {folder}/{name}.py as a module (the scripts are files, not a package), registered
+    in sys.modules (as `name`, or `{folder}_{name}`) so that tyro and dataclasses find it."""
+    module_name = f"{folder}_{name}" if folder else name
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tiny_dataset(dataset_id: str, gym_id: str = "Hopper-v5", steps: int = 2000, max_episode_steps: int = 100,

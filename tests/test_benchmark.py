@@ -1,6 +1,5 @@
 """benchmark/: the suite's plan, skipping, scheduling and job-array stages; dataset preparation; the report's
 arithmetic and plots; the AUROC of ood.py."""
-import importlib.util
 import json
 import runpy
 import shlex
@@ -12,20 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_dataset, run_script
+from conftest import ROOT, load_script, make_tiny_dataset, run_script
 
 
-def load(name: str):
-    """Imports benchmark/{name}.py (the folder is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = load("run_suite")
-report = load("report")
+suite = load_script("run_suite", "benchmark")
+report = load_script("report", "benchmark")
 
 
 @pytest.fixture
@@ -348,6 +338,40 @@ def test_prepare_dataset_resolves_combines_and_loads_a_local_dataset_and_refuses
     assert result.stderr.startswith("error: unknown --env-id 'hopper-mediocre-v2'; use a Minari dataset id")
 
 
+# --- speed.py ---
+def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_path):
+    result = run_script("benchmark/speed.py", "--devices", "cpu", "--seconds", 0.05, "--rounds", 1, "--hidden", 16,
+                        "--batch-size", 16, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "updates/s" not in line
+            and not line.startswith("| ---")]
+    assert rows[0].startswith("| plain PyTorch SAC (reference) |") and rows[0].endswith("| 1.00x |")
+    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py", "samg_iql.py"]:
+        for coef_mode in ["cvae", "none"]:
+            assert any(row.startswith(f"| {script} --coef-mode {coef_mode} |") for row in rows)
+    assert any(row.startswith("| make_dataset.py behaviour SAC |") for row in rows)
+    assert sum("pretrain_offline.py --algo" in row for row in rows) == 4
+    for row in rows:  # every candidate ran and got a positive rate
+        assert float(row.split("|")[2]) > 0, row
+
+
+def test_speed_loop_mode_times_whole_runs_of_each_script_with_and_without_guidance(tmp_path):
+    result = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 300, "--loop-warmup", 200,
+                        "--rounds", 1, "--hidden", 16, "--batch-size", 16, "--loop-scripts", "samg_td3",
+                        "--loop-baseline", ROOT, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| samg_td3.py")]
+    assert [row[0].strip() for row in rows] == ["samg_td3.py (default: cvae, adaptive)", "samg_td3.py --coef-mode none",
+                                                "samg_td3.py (default) (baseline)",
+                                                "samg_td3.py --coef-mode none (baseline)"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)  # wall and CPU seconds of a real run
+    assert "300 environment steps with 100 updates" in result.stdout
+    bad = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 100, "--loop-warmup", 200, cwd=tmp_path)
+    assert bad.returncode != 0 and "--loop-warmup is 200 but must be below --loop-steps 100" in bad.stderr
+    no_baseline = run_script("benchmark/speed.py", "--mode", "loop", "--loop-baseline", tmp_path, cwd=tmp_path)
+    assert no_baseline.returncode != 0 and "give a checkout of this project" in no_baseline.stderr
+
+
 # --- report.py ---
 def write_run(run_dir: Path, meta: dict, scalars: dict, done: bool = True):
     """A run as the suite leaves it: suite.json, DONE, and the script's events ({tag: {step: value}}) in a
@@ -571,7 +595,7 @@ def test_report_says_what_to_do_when_no_run_has_finished_or_the_output_place_is_
 # --- ood.py ---
 @pytest.fixture(scope="module")
 def ood():
-    return load("ood")
+    return load_script("ood", "benchmark")
 
 
 def test_auroc_is_1_for_perfect_separation_0_5_for_identical_scores_and_averages_ties(ood):
@@ -716,10 +740,7 @@ def test_every_method_is_flags_that_the_online_scripts_it_names_accept(method):
 
     flags = list(suite.METHODS[method])
     for algo, script in suite.ONLINE_SCRIPTS.items():
-        spec = importlib.util.spec_from_file_location(f"method_check_{algo}", ROOT / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        module = load_script(script[: -len(".py")])
         if "--p-next-action" in flags and algo != "td3bc":  # TD3's own flag: the method is for TD3+BC runs only
             with pytest.raises(SystemExit):
                 tyro.cli(module.Args, args=flags)

@@ -4,16 +4,14 @@ The IQL block (StateValue, expectile_loss, advantage_weighted_regression) is byt
 and samg_iql.py (test_shared_blocks.py), so its functions are taken from samg_iql.py.
 """
 import copy
-import importlib.util
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, make_tiny_dataset, run_script
+from conftest import load_script, make_tiny_dataset, run_script
 
 ENV_ID = "local/hopper/medium-v0"
 QUICK = ["--env-id", ENV_ID, "--eval-episodes", "1"]
@@ -21,24 +19,14 @@ OBS_DIM, ACT_DIM, HIDDEN = 5, 2, [32, 32]
 GAMMA = 0.9
 
 
-def load_module(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def iql():
-    return load_module("samg_iql")
+    return load_script("samg_iql")
 
 
 @pytest.fixture(scope="module")
 def po():
-    return load_module("pretrain_offline")
+    return load_script("pretrain_offline")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 Every test writes into its own temporary Minari store and runs the script as a user would.
 """
 import copy
-import importlib.util
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import minari
 import numpy as np
 import pytest
 
-from conftest import HOPPER_REF, ROOT, make_tiny_dataset, run_script
+from conftest import HOPPER_REF, ROOT, load_script, make_tiny_dataset, run_script
 
 import torch
 
@@ -202,13 +201,6 @@ def test_overwrite_replaces_an_existing_dataset_and_is_required_to(store, tmp_pa
     assert [path.name for path in store.iterdir() if path.name.startswith(".")] == []
 
 
-def load_make_dataset():
-    spec = importlib.util.spec_from_file_location("make_dataset", ROOT / "make_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def store_contents(store):
     """Every file of the store with its size and modification time: equal before and after means untouched."""
     return sorted((str(path.relative_to(store)), path.stat().st_size, path.stat().st_mtime_ns)
@@ -227,7 +219,7 @@ def buffers_of(dataset_id):
 
 
 def test_an_interrupted_write_changes_nothing_in_the_store(store):
-    make_dataset = load_make_dataset()
+    make_dataset = load_script("make_dataset")
     make_tiny_dataset("local/hopper/medium-v0", steps=50)
     before = store_contents(store)
 
@@ -248,7 +240,7 @@ def test_an_interrupted_write_changes_nothing_in_the_store(store):
 
 
 def test_ctrl_c_during_the_swap_takes_effect_only_once_the_new_dataset_is_in_place(store, monkeypatch):
-    make_dataset = load_make_dataset()
+    make_dataset = load_script("make_dataset")
     make_tiny_dataset("local/hopper/medium-v0", steps=50)
     new_episodes = buffers_of("local/hopper/medium-v0")[:1]
     real_rename = os.rename
@@ -274,7 +266,7 @@ def test_ctrl_c_during_the_swap_takes_effect_only_once_the_new_dataset_is_in_pla
 
 
 def test_a_failed_swap_puts_the_replaced_dataset_back(store, monkeypatch, capsys):
-    make_dataset = load_make_dataset()
+    make_dataset = load_script("make_dataset")
     make_tiny_dataset("local/hopper/medium-v0", steps=50)
     before = store_contents(store)
     real_rename, calls = os.rename, []
@@ -418,7 +410,7 @@ def test_bad_input_fails_before_any_work_with_one_sentence_and_leaves_the_store_
 def test_the_fast_sac_update_computes_what_a_plain_sac_update_computes():
     """Batched critics, fused Adam, an actor loss whose backward stops at the actor and a fused soft update are faster
     ways to compute the same step as textbook SAC (Adam, autograd through everything, a loop of lerps)."""
-    make_dataset = load_make_dataset()
+    make_dataset = load_script("make_dataset")
     torch.manual_seed(0)
     obs_dim, act_dim, batch_size = 5, 2, 32
     actor = make_dataset.TanhGaussianActor(obs_dim, act_dim, (16, 16))

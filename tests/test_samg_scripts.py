@@ -137,39 +137,6 @@ def test_threshold_outside_the_unit_interval_is_refused(workdir, threshold):
     assert_one_sentence_error(result, "--p-threshold", "[0, 1]")
 
 
-def test_speed_benchmark_times_every_update_against_the_plain_sac_reference(tmp_path):
-    result = run_script("benchmark/speed.py", "--devices", "cpu", "--seconds", 0.05, "--rounds", 1, "--hidden", 16,
-                        "--batch-size", 16, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "updates/s" not in line
-            and not line.startswith("| ---")]
-    assert rows[0].startswith("| plain PyTorch SAC (reference) |") and rows[0].endswith("| 1.00x |")
-    for script in ["samg_sac.py", "samg_td3.py", "samg_awac.py", "samg_iql.py"]:
-        for coef_mode in ["cvae", "none"]:
-            assert any(row.startswith(f"| {script} --coef-mode {coef_mode} |") for row in rows)
-    assert any(row.startswith("| make_dataset.py behaviour SAC |") for row in rows)
-    assert sum("pretrain_offline.py --algo" in row for row in rows) == 4
-    for row in rows:  # every candidate ran and got a positive rate
-        assert float(row.split("|")[2]) > 0, row
-
-
-def test_speed_loop_mode_times_whole_runs_of_each_script_with_and_without_guidance(tmp_path):
-    result = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 300, "--loop-warmup", 200,
-                        "--rounds", 1, "--hidden", 16, "--batch-size", 16, "--loop-scripts", "samg_td3",
-                        "--loop-baseline", ROOT, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| samg_td3.py")]
-    assert [row[0].strip() for row in rows] == ["samg_td3.py (default: cvae, adaptive)", "samg_td3.py --coef-mode none",
-                                                "samg_td3.py (default) (baseline)",
-                                                "samg_td3.py --coef-mode none (baseline)"]
-    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)  # wall and CPU seconds of a real run
-    assert "300 environment steps with 100 updates" in result.stdout
-    bad = run_script("benchmark/speed.py", "--mode", "loop", "--loop-steps", 100, "--loop-warmup", 200, cwd=tmp_path)
-    assert bad.returncode != 0 and "--loop-warmup is 200 but must be below --loop-steps 100" in bad.stderr
-    no_baseline = run_script("benchmark/speed.py", "--mode", "loop", "--loop-baseline", tmp_path, cwd=tmp_path)
-    assert no_baseline.returncode != 0 and "give a checkout of this project" in no_baseline.stderr
-
-
 # --- bad input: each case is a command and the sentence it must print; nothing is run or written ---
 FLAG_CASES = [
     ("samg_sac.py", ["--batch-size", 0], "--batch-size is 0 but must be positive"),

@@ -1,41 +1,32 @@
 """SAMG's Bellman target and its coefficient p(s, a), on hand-made inputs with exact expected numbers.
 
-The SAMG target block is byte-identical in the three online scripts (test_shared_blocks.py), so its functions are
-taken from samg_sac.py; each script's own target (sac_target, td3_target, awac_target) is checked separately.
+The SAMG target block is byte-identical in the four online scripts (test_shared_blocks.py), so its functions are
+taken from samg_sac.py; each script's own target (sac_target, td3_target, awac_target) is checked separately
+(iql_target in test_iql.py).
 """
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import load_script
 
 OBS_DIM, ACT_DIM, HIDDEN = 5, 2, [32, 32]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sac():
-    return load("samg_sac")
+    return load_script("samg_sac")
 
 
 @pytest.fixture(scope="module")
 def td3():
-    return load("samg_td3")
+    return load_script("samg_td3")
 
 
 @pytest.fixture(scope="module")
 def awac():
-    return load("samg_awac")
+    return load_script("samg_awac")
 
 
 def batch(size=64, seed=0):
