@@ -13,6 +13,7 @@ to the expert reference return; `medium-replay` is every transition of its repla
 """
 import contextlib
 import copy
+import errno
 import math
 import os
 import random
@@ -21,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
@@ -100,6 +102,8 @@ class Args:
     """the wandb entity (team)"""
     cuda: bool = True
     """train on CUDA when it is available"""
+    threads: int = 0
+    """CPU threads of torch's operations (0: torch's default, one per core); 1 when other runs share the cores"""
 
 
 # --- shared: environment ---
@@ -427,6 +431,7 @@ def main(args: Args):
         check_free([f"local/{env_name}/{quality}-v0" for quality in qualities], args.overwrite)
         env = make_checked_env(gym_id, args.seed)
         check_reference_scores(gym_id, env_name, qualities, args.expert_return)
+        check_room_for_datasets(store, env, qualities, args)
         needs_agent = any(quality != "random" for quality in qualities)
         if needs_agent:  # the behaviour agent's TensorBoard log, opened before any work so that it cannot fail after
             check_writable(args.run_dir, "--run-dir")
@@ -504,7 +509,7 @@ def main(args: Args):
                                                    f"made by make_dataset.py with seed {args.seed}")
 
     # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
-    write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max)
+    write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max, args.overwrite)
     print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {duration(time.time() - start_time)}")
     print(summary_table(datasets, ref_min, ref_max))
 
@@ -525,8 +530,20 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def use_threads(threads: int):
+    """--threads: 0 keeps torch's default (one thread per core; with another busy process on a small machine every
+    operation then waits for a core to be free); otherwise exactly that many."""
+    if threads < 0:
+        fail(f"--threads is {threads} but must be 0 (torch's default) or more")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range. A
+    seed must also be below 2**31, so that it and the seeds derived from it (seed + 30,000) suit NumPy and Gymnasium."""
+    if "seed" in non_negative and getattr(args, "seed", 0) >= 2**31:
+        fail(f"--seed is {args.seed} but must be below 2**31 ({2**31})")
     rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
              (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
     for fields, allowed, what in rules:
@@ -537,23 +554,75 @@ def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
                 fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
 
 
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing):
+    a megabyte is written and flushed to disk, and `needed_bytes` must be free there, so that a read-only, blocked or
+    full place costs a one-line error instead of the finished work."""
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(bytes(1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(directory).free
     except OSError as exc:
         fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+    if free < needed_bytes:
+        fail(f"{directory} has {free / 2**20:.0f} MiB free but this run writes about {needed_bytes / 2**20:.0f} MiB "
+             f"there; free some space or choose another place with {flag_name}")
+
+
+STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
+
+
+def stop_as_on_ctrl_c(number, frame):
+    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
+    STOPPED_BY[0] = number
+    raise KeyboardInterrupt
+
+
+def handle_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
+    sys.excepthook = exit_quietly_on_interrupt
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, stop_as_on_ctrl_c)
+    # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
+
+
+def interrupted_status() -> int:
+    return 128 + STOPPED_BY[0]
 
 
 def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    """sys.excepthook: an interrupt anywhere ends with one line and exit status 128 + signal, not a traceback."""
     if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        by = "" if STOPPED_BY[0] == signal.SIGINT else f" ({signal.Signals(STOPPED_BY[0]).name})"
+        print(f"interrupted{by}; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(interrupted_status())
     sys.__excepthook__(exc_type, exc, traceback)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
+
+
+def remove_dead_leftovers(directory: str, pattern: re.Pattern):
+    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
+    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if match and not process_alive(int(match["pid"])):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
@@ -698,6 +767,7 @@ def check_args_and_store(args: Args) -> Path:
     for field in ("medium_return", "expert_return"):
         if getattr(args, field) is not None and not math.isfinite(getattr(args, field)):
             fail(f"{flag(field)} is {getattr(args, field)} but must be a finite return")
+    use_threads(args.threads)
     store = minari_store()
     check_writable(str(store), "MINARI_DATASETS_PATH")
     recover_killed_writes(store)
@@ -777,6 +847,15 @@ def check_free(dataset_ids: List[str], overwrite: bool):
     for dataset_id in dataset_ids:
         if (minari_store() / dataset_id).exists() and not overwrite:
             fail(f"{dataset_id} already exists in {minari_store()}; pass --overwrite to replace it")
+
+
+def check_room_for_datasets(store: Path, env: gym.Env, qualities: List[str], args: Args):
+    """Before any training or collection: room in the store for the datasets asked for (--transitions steps each,
+    medium-replay at most --total-timesteps), twice over for HDF5's overhead and the staged copy."""
+    row = 4 * (flatten_obs(env.observation_space.sample()).size + env.action_space.shape[0] + 3)
+    steps = sum(args.total_timesteps if quality == "medium-replay" else args.transitions for quality in qualities)
+    steps += args.transitions if "medium-expert" in qualities else 0  # medium and expert both go in
+    check_writable(str(store), "MINARI_DATASETS_PATH", 2 * row * steps)
 
 
 def check_reference_scores(gym_id: str, env_name: str, qualities: List[str], expert_return: Optional[float]):
@@ -888,11 +967,11 @@ def d4rl_transitions(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 # (SIGKILL, power loss) in the middle leaves that list, and the next run puts the old datasets back.
 @contextlib.contextmanager
 def interrupts_held():
-    """Ctrl-C (SIGINT) and SIGTERM during the block are remembered and take effect when it is done. (Handlers, not
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP during the block are remembered and take effect when it is done. (Handlers, not
     pthread_sigmask: a signal blocked in this thread would be handed to another one, e.g. TensorBoard's writer.)"""
     received = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -912,16 +991,6 @@ def roll_back(store: Path, staging: Path, dataset_ids: List[str]):
             os.rename(backup, target)
         elif target.exists() and not (staging / "new" / dataset_id).exists():
             shutil.rmtree(target)  # moved in where no dataset was before
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()  # our own pid: a folder from an earlier life of it (before a reboot)
 
 
 def recover_killed_writes(store: Path):
@@ -948,7 +1017,12 @@ def recover_killed_writes(store: Path):
 def stage_dataset(folder: Path, dataset_id: str, episodes: List[EpisodeBuffer], env_spec, ref_min: float,
                   ref_max: float, algorithm_name: str, description: str):
     """minari.create_dataset_from_buffers into `folder` instead of the store."""
-    saved_root = os.environ.get("MINARI_DATASETS_PATH")
+    saved_root, saved_stderr = os.environ.get("MINARI_DATASETS_PATH"), os.dup(2)
+    # a failed write (a full disk) makes every h5py object of the file print a traceback as it is freed, hundreds:
+    # while HDF5 writes, stderr goes nowhere, and the failure is reported once, by the caller
+    sys.stderr.flush()
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
     try:
         os.environ["MINARI_DATASETS_PATH"] = str(folder)
         with warnings.catch_warnings():
@@ -957,18 +1031,25 @@ def stage_dataset(folder: Path, dataset_id: str, episodes: List[EpisodeBuffer], 
                                                algorithm_name=algorithm_name, description=description,
                                                ref_min_score=float(ref_min), ref_max_score=float(ref_max))
     finally:
+        sys.stderr.flush()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
         os.environ.pop("MINARI_DATASETS_PATH", None)
         if saved_root is not None:
             os.environ["MINARI_DATASETS_PATH"] = saved_root
 
 
-def swap_in(store: Path, staging: Path, dataset_ids: List[str]):
-    """Moves the staged datasets into the store, replacing the old ones, all or none, with Ctrl-C held back."""
+def swap_in(store: Path, staging: Path, dataset_ids: List[str], overwrite: bool = True):
+    """Moves the staged datasets into the store, replacing the old ones only with --overwrite, all or none, with
+    Ctrl-C held back. Without --overwrite a dataset that another run wrote meanwhile is never replaced: a folder is
+    not renamed over a non-empty one, so the refusal holds at the rename itself; this run's datasets are kept aside."""
     with interrupts_held():
         try:
             (staging / "swap").write_text("\n".join(dataset_ids))
             for dataset_id in dataset_ids:
                 target, backup = store / dataset_id, staging / "old" / dataset_id
+                if target.exists() and not overwrite:
+                    raise FileExistsError(errno.EEXIST, "written by another run meanwhile", str(target))
                 if target.exists():
                     backup.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(target, backup)
@@ -977,6 +1058,11 @@ def swap_in(store: Path, staging: Path, dataset_ids: List[str]):
         except OSError as exc:
             roll_back(store, staging, dataset_ids)  # should this fail too, `swap` stays for the next run
             (staging / "swap").unlink(missing_ok=True)
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and not overwrite:
+                kept = store / f".kept-{os.getpid()}"
+                os.rename(staging / "new", kept)
+                fail(f"{exc.filename} was written by another run while this one worked, so nothing was replaced; this "
+                     f"run's datasets are kept in {kept} (move them into the store by hand to use them)")
             fail(f"could not move the new datasets into {store} ({exc.strerror or type(exc).__name__}); the "
                  f"datasets there were kept as they were")
         (staging / "swap").unlink()  # done: from here on the backups are garbage
@@ -986,16 +1072,35 @@ def swap_in(store: Path, staging: Path, dataset_ids: List[str]):
                 create_namespace(namespace)
 
 
+def abandon(message: str):
+    """fail() after a failed HDF5 write: h5py's objects for the broken file crash the interpreter's teardown (a
+    segmentation fault after pages of tracebacks), so the process ends here without one, after its one sentence."""
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def write_datasets(store: Path, datasets: Dict[str, List[EpisodeBuffer]], descriptions: Dict[str, Tuple[str, str]],
-                   env_spec, ref_min: float, ref_max: float):
+                   env_spec, ref_min: float, ref_max: float, overwrite: bool = True):
     """Builds every dataset aside, then swaps them all in: a failed or interrupted run changes nothing in the
     store, and a dataset being overwritten stays intact until its replacement is complete."""
     staging = store / f"{STAGING_PREFIX}{os.getpid()}"
+    size = sum(array.nbytes for episodes in datasets.values() for episode in episodes
+               for array in (episode.observations, episode.actions, episode.rewards))
+    check_writable(str(store), "MINARI_DATASETS_PATH", 2 * size + (16 << 20))  # HDF5's overhead: under 2x
     try:
-        for dataset_id, episodes in datasets.items():
-            print(f"writing {dataset_id} ({len(episodes)} episodes)", flush=True)
-            stage_dataset(staging / "new", dataset_id, episodes, env_spec, ref_min, ref_max, *descriptions[dataset_id])
-        swap_in(store, staging, list(datasets))
+        try:
+            for dataset_id, episodes in datasets.items():
+                print(f"writing {dataset_id} ({len(episodes)} episodes)", flush=True)
+                stage_dataset(staging / "new", dataset_id, episodes, env_spec, ref_min, ref_max,
+                              *descriptions[dataset_id])
+        except Exception as exc:  # h5py reports a full disk as an OSError, a ValueError or a RuntimeError
+            shutil.rmtree(staging, ignore_errors=True)
+            reason = "No space left on device" if "errno = 28" in str(exc) else (
+                getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200])
+            abandon(f"could not write the datasets into {staging} ({reason}); the store was left as it was: free "
+                    "some space and run again")
+        swap_in(store, staging, list(datasets), overwrite)
     finally:
         if not (staging / "swap").exists():  # else a failed roll-back left the old datasets there
             shutil.rmtree(staging, ignore_errors=True)
@@ -1014,5 +1119,5 @@ def summary_table(datasets: Dict[str, List[EpisodeBuffer]], ref_min: float, ref_
 
 
 if __name__ == "__main__":
-    sys.excepthook = exit_quietly_on_interrupt
+    handle_interrupts()
     main(tyro.cli(Args))

@@ -7,13 +7,17 @@ samg_iql.py load.
 The online scripts never read the dataset: everything they need (networks, C-VAE, its calibration, state
 statistics, reward transform, reference scores) is in that checkpoint.
 """
+import contextlib
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -101,6 +105,8 @@ class Args:
     """Weights and Biases entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    threads: int = 0
+    """CPU threads of torch's operations (0: torch's default, one per core); 1 when other runs share the cores"""
     torch_deterministic: bool = True
     """sets torch.backends.cudnn.deterministic"""
 
@@ -561,6 +567,7 @@ def main(args: Args):
 
     nets, opts = build_learner(args, obs_dim, act_dim, device)
     actor, cvae = nets["actor"], nets["cvae"]
+    check_room_for_checkpoint(args, nets, obs_dim, act_dim)
 
     writer = open_run_log(args, run_name, {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]})
 
@@ -594,7 +601,10 @@ def main(args: Args):
         writer.close()
         print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); the TensorBoard "
               f"log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        raise SystemExit(interrupted_status())
+    except OSError as exc:  # the run log's disk filled up
+        fail(f"stopped at step {step}: could not write {exc.filename or 'the run log'} ({exc.strerror or exc}); no "
+             f"checkpoint written: free some space in {args.run_dir} or choose another --run-dir")
 
     calibration = calibrate_cvae(cvae, obs_t, actions_t)  # what p is ranked against online
     write_checkpoint(checkpoint_path, args, dataset_id, data, nets, calibration, score,
@@ -619,8 +629,20 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def use_threads(threads: int):
+    """--threads: 0 keeps torch's default (one thread per core; with another busy process on a small machine every
+    operation then waits for a core to be free); otherwise exactly that many."""
+    if threads < 0:
+        fail(f"--threads is {threads} but must be 0 (torch's default) or more")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range. A
+    seed must also be below 2**31, so that it and the seeds derived from it (seed + 30,000) suit NumPy and Gymnasium."""
+    if "seed" in non_negative and getattr(args, "seed", 0) >= 2**31:
+        fail(f"--seed is {args.seed} but must be below 2**31 ({2**31})")
     rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
              (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
     for fields, allowed, what in rules:
@@ -631,23 +653,75 @@ def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
                 fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
 
 
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing):
+    a megabyte is written and flushed to disk, and `needed_bytes` must be free there, so that a read-only, blocked or
+    full place costs a one-line error instead of the finished work."""
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(bytes(1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(directory).free
     except OSError as exc:
         fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+    if free < needed_bytes:
+        fail(f"{directory} has {free / 2**20:.0f} MiB free but this run writes about {needed_bytes / 2**20:.0f} MiB "
+             f"there; free some space or choose another place with {flag_name}")
+
+
+STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
+
+
+def stop_as_on_ctrl_c(number, frame):
+    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
+    STOPPED_BY[0] = number
+    raise KeyboardInterrupt
+
+
+def handle_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
+    sys.excepthook = exit_quietly_on_interrupt
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, stop_as_on_ctrl_c)
+    # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
+
+
+def interrupted_status() -> int:
+    return 128 + STOPPED_BY[0]
 
 
 def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    """sys.excepthook: an interrupt anywhere ends with one line and exit status 128 + signal, not a traceback."""
     if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        by = "" if STOPPED_BY[0] == signal.SIGINT else f" ({signal.Signals(STOPPED_BY[0]).name})"
+        print(f"interrupted{by}; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(interrupted_status())
     sys.__excepthook__(exc_type, exc, traceback)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
+
+
+def remove_dead_leftovers(directory: str, pattern: re.Pattern):
+    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
+    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if match and not process_alive(int(match["pid"])):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
@@ -773,12 +847,36 @@ def local_datasets() -> dict:
         return minari.list_local_datasets()
 
 
+MINARI_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*-v\d+")
+
+
+def checked_id(env_id: str) -> str:
+    """--env-id checked for its form before any path is built from it. A trailing slash (what tab completion
+    gives) is dropped; a path (./, .., /...), a namespace of the store, or anything else that is not
+    `namespace/name-vN` or a D4RL-style name is one sentence."""
+    env_id = env_id.rstrip("/")
+    parts = env_id.split("/")
+    if "/" not in env_id:
+        return env_id  # a D4RL-style name, checked by parse_d4rl_name
+    if env_id.startswith(("/", "~")) or any(part in ("", ".", "..") for part in parts):
+        fail(f"--env-id {env_id!r} is a path, not a dataset id; give the id, the path below the Minari store, "
+             "such as local/pendulum/medium-v0")
+    if not MINARI_ID.fullmatch(env_id):
+        inside = sorted(dataset_id for dataset_id in local_datasets() if dataset_id.startswith(env_id + "/"))
+        if inside:
+            fail(f"--env-id {env_id} is a namespace of the Minari store, not a dataset; name one of its datasets: "
+                 + ", ".join(inside))
+        fail(f"--env-id {env_id!r} is not a dataset id; ids read namespace/name-vN, such as mujoco/hopper/medium-v0")
+    return env_id
+
+
 def present(dataset_id: str, local: dict) -> bool:
-    """True when `dataset_id` is a readable local dataset; an unreadable folder of that name stops the run."""
+    """True when `dataset_id` is a readable local dataset. A folder of that name holding Minari's metadata that
+    Minari cannot read stops the run as damaged; a folder without it is no dataset, and counts as missing."""
     if dataset_id in local:
         return True
     path = os.path.join(dataset_store(), dataset_id)
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "data", "metadata.json")):
         fail(f"the local dataset {dataset_id} in {path} is unreadable (damaged or half-written metadata); delete that "
              "folder and make, import or download it again")
     return False
@@ -805,6 +903,15 @@ def with_medium_expert_pair(dataset_id: str, quality: str) -> list:
     return candidates
 
 
+STAGED_COMBINE = re.compile(r"\.combine-(?P<pid>\d+)-.+")  # combine's staging folders in the store, by writer
+
+
+def dataset_bytes(dataset_id: str) -> int:
+    """Size on disk of a local dataset's folder."""
+    folder = os.path.join(dataset_store(), dataset_id)
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
 def combine(dataset_ids: list, local: dict) -> str:
     """One id is returned as it is; a medium + expert pair becomes (once) the medium-expert id beside them.
     The combined set is built in a hidden folder of the store (Minari lists no hidden folder), checked (every step
@@ -825,14 +932,15 @@ def combine(dataset_ids: list, local: dict) -> str:
                  f"{os.path.join(dataset_store(), new_id)} and run again")
         return new_id
     store = dataset_store()
-    check_writable(store, "MINARI_DATASETS_PATH")
+    check_writable(store, "MINARI_DATASETS_PATH", 2 * sum(dataset_bytes(i) for i in dataset_ids))
+    remove_dead_leftovers(store, STAGED_COMBINE)
     scores = {(local[i].get("ref_min_score"), local[i].get("ref_max_score")) for i in dataset_ids}
     if len(scores) > 1:
         fail(f"{' and '.join(dataset_ids)} have different reference scores {sorted(scores, key=str)}; "
              f"make {new_id} directly")
     ref_min, ref_max = scores.pop()
     print(f"combining {' + '.join(dataset_ids)} into {new_id}")
-    staging = tempfile.mkdtemp(prefix=".combine-", dir=store)
+    staging = tempfile.mkdtemp(prefix=f".combine-{os.getpid()}-", dir=store)
     previous_store = os.environ.get("MINARI_DATASETS_PATH")
     try:
         parts = [minari.load_dataset(i) for i in dataset_ids]
@@ -875,10 +983,15 @@ def resolve_dataset(env_id: str, download: bool) -> str:
     downloaded, locally generated dataset, and finally a download of the hosted port."""
     import minari
 
+    env_id = checked_id(env_id)
     local = local_datasets()
     if "/" in env_id:  # a Minari id, taken as it is
         if present(env_id, local):
             return env_id
+        if env_id.startswith("local/"):  # made here, never downloaded
+            namesakes = sorted(i for i in local if i.startswith(env_id.rsplit("/", 1)[0] + "/"))
+            fail(f"no local dataset {env_id} in {dataset_store()}; local datasets are made here by make_dataset.py, "
+                 "never downloaded" + (f" (this store holds {', '.join(namesakes)})" if namesakes else ""))
         hosted, ways = [env_id], f"connect to the internet so Minari can download {env_id}, or check the id"
     else:
         parsed = parse_d4rl_name(env_id)
@@ -940,6 +1053,11 @@ def read_transitions(dataset_id: str):
                  "(Box) actions; use a dataset of a continuous-control environment")
         for episode in dataset.iterate_episodes():
             observations = flatten_obs(episode.observations)
+            counts = (len(observations) - 1, len(episode.actions), len(episode.rewards), len(episode.terminations))
+            if len(set(counts)) > 1:
+                fail(f"dataset {dataset_id} has an episode of {counts[0] + 1} observations, {counts[1]} actions, "
+                     f"{counts[2]} rewards and {counts[3]} terminations (one more observation than each is needed); "
+                     "re-create it")
             parts["observations"].append(observations[:-1])
             parts["next_observations"].append(observations[1:])
             parts["actions"].append(episode.actions)
@@ -954,7 +1072,13 @@ def read_transitions(dataset_id: str):
     for key, value in data.items():
         if not np.isfinite(value).all():
             fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    if np.abs(data["rewards"]).max() > MAX_REWARD:
+        fail(f"dataset {dataset_id} has rewards as large as {np.abs(data['rewards']).max():.3g}; values reach "
+             f"r / (1 - gamma) and overflow float32 training above {MAX_REWARD:g}, so rescale its rewards")
     return data, dataset
+
+
+MAX_REWARD = 1e6  # [our choice] |r| above this is refused: Q ~ r / (1 - gamma) and its square must stay in float32
 # --- end shared ---
 
 
@@ -967,21 +1091,39 @@ def load_dataset(dataset_id: str) -> dict:
         recovered = dataset.recover_environment(eval_env=True)
         env_spec = recovered.spec
         recovered.close()
+        gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
+        gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
+        if env_spec.max_episode_steps is not None:
+            gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
+        make_env(env_spec.id, gym_kwargs, 0).close()  # the environment every evaluation makes
     except Exception as exc:
-        fail(f"dataset {dataset_id} records no usable environment ({exc}); re-create it with its Gymnasium env")
-    gym_kwargs = json.loads(json.dumps(dict(env_spec.kwargs), default=str))
-    gym_kwargs.pop("render_mode", None)  # chosen by each script, not part of the task
-    if env_spec.max_episode_steps is not None:
-        gym_kwargs["max_episode_steps"] = env_spec.max_episode_steps
+        fail(f"dataset {dataset_id} records no usable environment ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+             "install the package that registers it, or re-create the dataset with its Gymnasium env")
     metadata = dataset.storage.metadata
     ref_scores = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
     if None in ref_scores:
         print(f"warning: {dataset_id} has no reference scores; normalized_score will be 100 x return / 100")
         ref_scores = (0.0, 100.0)
+    try:
+        ref_scores = (float(ref_scores[0]), float(ref_scores[1]))
+    except (TypeError, ValueError):
+        ref_scores = (math.nan, math.nan)
+    if not (math.isfinite(ref_scores[0]) and math.isfinite(ref_scores[1]) and ref_scores[0] != ref_scores[1]):
+        fail(f"dataset {dataset_id} has reference scores {metadata.get('ref_min_score')!r} and "
+             f"{metadata.get('ref_max_score')!r}, not two different finite numbers, so no score can be normalized; "
+             "set ref_min_score and ref_max_score in its metadata, or re-create it")
     return dict(data, dataset_id=dataset_id, gym_id=env_spec.id, gym_kwargs=gym_kwargs,
                 action_low=np.asarray(space.low, dtype=np.float32),
                 action_high=np.asarray(space.high, dtype=np.float32),
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+
+
+def check_room_for_checkpoint(args: Args, nets: dict, obs_dim: int, act_dim: int):
+    """The checkpoint's size is known once the networks exist: the room for it (twice, for the staged copy) is
+    checked before training, not found missing after it."""
+    networks = [net for net in nets.values() if isinstance(net, nn.Module)]
+    size = checkpoint_bytes(networks, extra_values=2048 * (obs_dim + act_dim) + 1001 + 4 * obs_dim)
+    check_writable(args.checkpoint_dir, "--checkpoint-dir", 2 * size)
 
 
 def check_args_and_read_dataset(args: Args):
@@ -993,6 +1135,8 @@ def check_args_and_read_dataset(args: Args):
                   non_negative=("seed", "cvae_steps", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
                   unit_interval=("gamma", "tau"))
     check_expectile(args.iql_expectile)
+    use_threads(args.threads)
+    args.env_id = checked_id(args.env_id)
     checkpoint_path = os.path.join(args.checkpoint_dir, f"{args.env_id.replace('/', '-')}__{args.algo}__{args.seed}.pt")
     if os.path.exists(checkpoint_path) and not args.overwrite:
         fail(f"{checkpoint_path} exists; pass --overwrite to replace it, or choose another --checkpoint-dir or --seed")
@@ -1015,16 +1159,72 @@ CHECKPOINT_KEYS = (
 )
 
 
-def save_checkpoint(payload: dict, path: str):
-    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+STAGED_CHECKPOINT = re.compile(r".+\.tmp-(?P<pid>\d+)")  # save_checkpoint's temporary files, by writer
+
+
+def save_checkpoint(payload: dict, path: str, replace: bool = False):
+    """Writes to a temporary file beside `path` and moves it into place in one step, so an interrupted run never
+    leaves half a file (and the temporary files of killed writers are removed here). Without `replace` the move
+    refuses a file that appeared meanwhile (a hard link does not replace): of two runs writing one checkpoint, the
+    second is refused with one sentence and its file is kept aside, named in the sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    remove_dead_leftovers(os.path.dirname(path) or ".", STAGED_CHECKPOINT)
     tmp_path = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(payload, tmp_path)
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        elif not move_unless_there(tmp_path, path):
+            aside = f"{path[:-len('.pt')] if path.endswith('.pt') else path}.kept-{os.getpid()}.pt"
+            os.replace(tmp_path, aside)
+            fail(f"{path} was written by another run while this one worked; this run's result is kept as {aside} "
+                 "(move it over the other to use it)")
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def move_unless_there(source: str, target: str) -> bool:
+    """Puts `source` at `target` unless a file is there, in one step (a hard link never replaces); False if one is."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: there the check and the move are two steps
+        if os.path.exists(target):
+            return False
+        os.replace(source, target)
+    return True
+
+
+def save_or_rescue(payload: dict, path: str, replace: bool, rescue_dirs) -> str:
+    """save_checkpoint; where that fails (a full disk, a place gone read-only), the payload goes to the first of
+    `rescue_dirs` that takes it and the run stops with one sentence saying where, so finished work is never lost."""
+    try:
+        save_checkpoint(payload, path, replace)
+        return path
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
+                reason = "No space left on device"
+    for directory in dict.fromkeys(rescue_dirs):
+        rescue = os.path.abspath(os.path.join(directory, f"rescued-{os.getpid()}-{os.path.basename(path)}"))
+        try:
+            save_checkpoint(payload, rescue, replace=True)
+        except (OSError, RuntimeError):
+            continue
+        fail(f"could not write {path} ({reason}); the trained networks are saved as {rescue} instead: move it to "
+             f"{path} once there is room")
+    fail(f"could not write {path} ({reason}) nor into any of {', '.join(rescue_dirs)}; the trained networks are "
+         "lost: free some space and run again")
+
+
+def checkpoint_bytes(networks, extra_values: int = 0) -> int:
+    """About how large a checkpoint of these networks (and `extra_values` other numbers) is on disk: 4 bytes a
+    float32 value, and room for the pickled structure."""
+    values = sum(p.numel() for network in networks for p in network.state_dict().values()) + extra_values
+    return 4 * values + (1 << 20)
 
 
 def read_checkpoint(path: str, algo: str) -> dict:
@@ -1109,6 +1309,9 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> n
         reason = str(exc).strip().splitlines()[-1].strip()
         fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
              "pretrain_offline.py")
+    if not all(torch.isfinite(value).all() for value in module.state_dict().values()):
+        fail(f"the {what} in {path} has weights that are not finite (nan or inf: its training diverged); pretrain "
+             "it again, on data whose rewards are of a sane size")
     return module
 # --- end shared ---
 
@@ -1140,7 +1343,13 @@ def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: d
         checkpoint["log_alpha"] = nets["log_alpha"].detach().cpu()
     if args.algo == "iql":
         checkpoint["value"] = {k: v.cpu() for k, v in nets["value"].state_dict().items()}
-    save_checkpoint(checkpoint, path)
+    diverged = [key for key in ("actor", "critic", "cvae", "value") if key in checkpoint
+                and not all(torch.isfinite(value).all() for value in checkpoint[key].values())]
+    if diverged:
+        fail(f"training diverged: the {' and '.join(diverged)} weights are not finite (nan or inf), so no checkpoint "
+             f"was written; check the dataset's rewards (largest |r| {np.abs(data['rewards']).max():.3g}) and the "
+             "learning rates")
+    save_or_rescue(checkpoint, path, args.overwrite, [args.run_dir, os.path.expanduser("~"), tempfile.gettempdir()])
 
 
 # --- shared: evaluation ---
@@ -1171,5 +1380,5 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 
 
 if __name__ == "__main__":
-    sys.excepthook = exit_quietly_on_interrupt
+    handle_interrupts()
     main(tyro.cli(Args))

@@ -7,13 +7,18 @@ The critic's Bellman target mixes the online target critic with the frozen offli
 state-action coefficient p(s, a) from the offline C-VAE (`samg_coefficient`, `guided_target`, called in
 `sac_target`). The offline dataset is never read: everything comes from the checkpoint.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import math
 import os
 import random
+import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -115,6 +120,8 @@ class OnlineArgs:
     """on CUDA, compile the updates with CUDA graphs (torch.compile mode reduce-overhead)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    threads: int = 0
+    """CPU threads of torch's operations (0: torch's default, one per core); 1 when other runs share the cores"""
 # --- end shared ---
 
 
@@ -549,7 +556,7 @@ def main(args: Args):
     learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
     refresh_q_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
 
-    progress, global_step, num_updates, score, interrupted = Progress(args.total_timesteps), 0, 0, float("nan"), False
+    progress, global_step, num_updates, score, status = Progress(args.total_timesteps), 0, 0, float("nan"), 0
     try:
         score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
         print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
@@ -594,16 +601,14 @@ def main(args: Args):
             if log_step:
                 log_progress(writer, (critic_metrics, actor_metrics, samg_metrics, cvae_metrics), global_step,
                              progress, score)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step}; keeping the logs{' and the model' if args.save_model else ''}")
+    except (KeyboardInterrupt, OSError) as exc:  # Ctrl-C, SIGTERM, SIGHUP; or a disk that filled up
+        status = stopped_early(exc, global_step, args.save_model)
     if args.save_model:
         save_model(args, run_name, checkpoint, global_step, score, dict(actor=actor, critic=critic, cvae=cvae),
                    log_alpha=log_alpha.detach().cpu())
-    for resource in (env, eval_env, writer):
-        resource.close()
-    if interrupted:
-        raise SystemExit(130)
+    close_all(env, eval_env, writer)
+    if status:
+        raise SystemExit(status)
     print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
 
 
@@ -623,8 +628,20 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def use_threads(threads: int):
+    """--threads: 0 keeps torch's default (one thread per core; with another busy process on a small machine every
+    operation then waits for a core to be free); otherwise exactly that many."""
+    if threads < 0:
+        fail(f"--threads is {threads} but must be 0 (torch's default) or more")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range."""
+    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range. A
+    seed must also be below 2**31, so that it and the seeds derived from it (seed + 30,000) suit NumPy and Gymnasium."""
+    if "seed" in non_negative and getattr(args, "seed", 0) >= 2**31:
+        fail(f"--seed is {args.seed} but must be below 2**31 ({2**31})")
     rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
              (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
     for fields, allowed, what in rules:
@@ -635,23 +652,75 @@ def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
                 fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
 
 
-def check_writable(directory: str, flag_name: str):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing),
-    so that a read-only or blocked place costs a one-line error instead of the finished work."""
+def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
+    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing):
+    a megabyte is written and flushed to disk, and `needed_bytes` must be free there, so that a read-only, blocked or
+    full place costs a one-line error instead of the finished work."""
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(bytes(1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(directory).free
     except OSError as exc:
         fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
+    if free < needed_bytes:
+        fail(f"{directory} has {free / 2**20:.0f} MiB free but this run writes about {needed_bytes / 2**20:.0f} MiB "
+             f"there; free some space or choose another place with {flag_name}")
+
+
+STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
+
+
+def stop_as_on_ctrl_c(number, frame):
+    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
+    STOPPED_BY[0] = number
+    raise KeyboardInterrupt
+
+
+def handle_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
+    sys.excepthook = exit_quietly_on_interrupt
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, stop_as_on_ctrl_c)
+    # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
+
+
+def interrupted_status() -> int:
+    return 128 + STOPPED_BY[0]
 
 
 def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: Ctrl-C anywhere ends with one line and exit status 130 instead of a traceback."""
+    """sys.excepthook: an interrupt anywhere ends with one line and exit status 128 + signal, not a traceback."""
     if issubclass(exc_type, KeyboardInterrupt):
-        print("interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        by = "" if STOPPED_BY[0] == signal.SIGINT else f" ({signal.Signals(STOPPED_BY[0]).name})"
+        print(f"interrupted{by}; nothing half-written was left behind", file=sys.stderr, flush=True)
+        raise SystemExit(interrupted_status())
     sys.__excepthook__(exc_type, exc, traceback)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
+
+
+def remove_dead_leftovers(directory: str, pattern: re.Pattern):
+    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
+    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if match and not process_alive(int(match["pid"])):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
@@ -706,16 +775,72 @@ CHECKPOINT_KEYS = (
 )
 
 
-def save_checkpoint(payload: dict, path: str):
-    """Writes to a temporary file beside `path` and renames it, so an interrupted run never leaves half a file."""
+STAGED_CHECKPOINT = re.compile(r".+\.tmp-(?P<pid>\d+)")  # save_checkpoint's temporary files, by writer
+
+
+def save_checkpoint(payload: dict, path: str, replace: bool = False):
+    """Writes to a temporary file beside `path` and moves it into place in one step, so an interrupted run never
+    leaves half a file (and the temporary files of killed writers are removed here). Without `replace` the move
+    refuses a file that appeared meanwhile (a hard link does not replace): of two runs writing one checkpoint, the
+    second is refused with one sentence and its file is kept aside, named in the sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    remove_dead_leftovers(os.path.dirname(path) or ".", STAGED_CHECKPOINT)
     tmp_path = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(payload, tmp_path)
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        elif not move_unless_there(tmp_path, path):
+            aside = f"{path[:-len('.pt')] if path.endswith('.pt') else path}.kept-{os.getpid()}.pt"
+            os.replace(tmp_path, aside)
+            fail(f"{path} was written by another run while this one worked; this run's result is kept as {aside} "
+                 "(move it over the other to use it)")
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def move_unless_there(source: str, target: str) -> bool:
+    """Puts `source` at `target` unless a file is there, in one step (a hard link never replaces); False if one is."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: there the check and the move are two steps
+        if os.path.exists(target):
+            return False
+        os.replace(source, target)
+    return True
+
+
+def save_or_rescue(payload: dict, path: str, replace: bool, rescue_dirs) -> str:
+    """save_checkpoint; where that fails (a full disk, a place gone read-only), the payload goes to the first of
+    `rescue_dirs` that takes it and the run stops with one sentence saying where, so finished work is never lost."""
+    try:
+        save_checkpoint(payload, path, replace)
+        return path
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
+                reason = "No space left on device"
+    for directory in dict.fromkeys(rescue_dirs):
+        rescue = os.path.abspath(os.path.join(directory, f"rescued-{os.getpid()}-{os.path.basename(path)}"))
+        try:
+            save_checkpoint(payload, rescue, replace=True)
+        except (OSError, RuntimeError):
+            continue
+        fail(f"could not write {path} ({reason}); the trained networks are saved as {rescue} instead: move it to "
+             f"{path} once there is room")
+    fail(f"could not write {path} ({reason}) nor into any of {', '.join(rescue_dirs)}; the trained networks are "
+         "lost: free some space and run again")
+
+
+def checkpoint_bytes(networks, extra_values: int = 0) -> int:
+    """About how large a checkpoint of these networks (and `extra_values` other numbers) is on disk: 4 bytes a
+    float32 value, and room for the pickled structure."""
+    values = sum(p.numel() for network in networks for p in network.state_dict().values()) + extra_values
+    return 4 * values + (1 << 20)
 
 
 def read_checkpoint(path: str, algo: str) -> dict:
@@ -800,6 +925,9 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> n
         reason = str(exc).strip().splitlines()[-1].strip()
         fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
              "pretrain_offline.py")
+    if not all(torch.isfinite(value).all() for value in module.state_dict().values()):
+        fail(f"the {what} in {path} has weights that are not finite (nan or inf: its training diverged); pretrain "
+             "it again, on data whose rewards are of a sane size")
     return module
 # --- end shared ---
 
@@ -846,6 +974,11 @@ def read_transitions(dataset_id: str):
                  "(Box) actions; use a dataset of a continuous-control environment")
         for episode in dataset.iterate_episodes():
             observations = flatten_obs(episode.observations)
+            counts = (len(observations) - 1, len(episode.actions), len(episode.rewards), len(episode.terminations))
+            if len(set(counts)) > 1:
+                fail(f"dataset {dataset_id} has an episode of {counts[0] + 1} observations, {counts[1]} actions, "
+                     f"{counts[2]} rewards and {counts[3]} terminations (one more observation than each is needed); "
+                     "re-create it")
             parts["observations"].append(observations[:-1])
             parts["next_observations"].append(observations[1:])
             parts["actions"].append(episode.actions)
@@ -860,7 +993,13 @@ def read_transitions(dataset_id: str):
     for key, value in data.items():
         if not np.isfinite(value).all():
             fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
+    if np.abs(data["rewards"]).max() > MAX_REWARD:
+        fail(f"dataset {dataset_id} has rewards as large as {np.abs(data['rewards']).max():.3g}; values reach "
+             f"r / (1 - gamma) and overflow float32 training above {MAX_REWARD:g}, so rescale its rewards")
     return data, dataset
+
+
+MAX_REWARD = 1e6  # [our choice] |r| above this is refused: Q ~ r / (1 - gamma) and its square must stay in float32
 # --- end shared ---
 
 
@@ -882,13 +1021,15 @@ def check_args_and_read_checkpoint(args, algo: str):
     if args.learning_starts >= args.total_timesteps:
         fail(f"--learning-starts is {args.learning_starts} but must be below --total-timesteps "
              f"({args.total_timesteps}), or no update would happen")
+    use_threads(args.threads)
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         fail("--capture-video needs moviepy; install it with `pip install moviepy` or leave out --capture-video")
-    check_writable(args.run_dir, "--run-dir")
     path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; make it with "
              f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
+    # the run log needs a few MiB; --save-model's model.pt is about the checkpoint's size
+    check_writable(args.run_dir, "--run-dir", (16 << 20) + (2 * os.path.getsize(path) if args.save_model else 0))
     return read_checkpoint(path, algo), path
 
 
@@ -1024,14 +1165,35 @@ def compiled(args, *update_functions):
 
 
 def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, networks: dict, **tensors):
-    """Writes the fine-tuned networks under the checkpoint's keys and format, so the file loads like a checkpoint."""
+    """Writes the fine-tuned networks under the checkpoint's keys and format, so the file loads like a checkpoint;
+    where the run dir cannot take it, into the home or the temporary directory (save_or_rescue)."""
     payload = dict(checkpoint, online_steps=step, online_normalized_score=score, online_args=dataclasses.asdict(args),
                    **tensors)
     for key, network in networks.items():
         payload[key] = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
     path = os.path.join(args.run_dir, run_name, "model.pt")
-    save_checkpoint(payload, path)
+    save_or_rescue(payload, path, True, [os.path.expanduser("~"), tempfile.gettempdir()])
     print(f"saved {path}")
+
+
+def stopped_early(exc: BaseException, step: int, saving: bool) -> int:
+    """One line for a run stopped by an interrupt or by a write that failed (the run log on a full disk); returns
+    its exit status: 128 + the signal, or 1."""
+    keeping = " and the model" if saving else ""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"interrupted at step {step} ({signal.Signals(STOPPED_BY[0]).name}); keeping the logs{keeping}",
+              flush=True)
+        return interrupted_status()
+    print(f"stopped at step {step}: could not write {exc.filename or 'the run log'} ({exc.strerror or exc}); "
+          f"keeping what was written{keeping}", flush=True)
+    return 1
+
+
+def close_all(*resources):
+    """Closes the environments and the run log; a log that cannot be flushed any more (a full disk) was reported."""
+    for resource in resources:
+        with contextlib.suppress(OSError):
+            resource.close()
 
 
 class MetricMeans:
@@ -1074,5 +1236,5 @@ def read_checked_checkpoint(args: Args):
 
 
 if __name__ == "__main__":
-    sys.excepthook = exit_quietly_on_interrupt
+    handle_interrupts()
     main(tyro.cli(Args))
