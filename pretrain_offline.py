@@ -277,12 +277,6 @@ def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, bet
     weights = torch.exp(beta * advantage).clamp(max=max_weight)
     return -(weights * actor.log_prob(obs, actions)).mean()
 
-
-def check_expectile(expectile: Optional[float]):
-    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
-    the loss vanishes and V drifts without bound."""
-    if expectile is not None and not 0.0 < expectile < 1.0:
-        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
 # --- end shared ---
 
 
@@ -1116,6 +1110,15 @@ def load_dataset(dataset_id: str) -> dict:
                 action_low=np.asarray(space.low, dtype=np.float32),
                 action_high=np.asarray(space.high, dtype=np.float32),
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
+
+
+# --- shared: IQL flags ---
+def check_expectile(expectile: Optional[float]):
+    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
+    the loss vanishes and V drifts without bound."""
+    if expectile is not None and not 0.0 < expectile < 1.0:
+        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
+# --- end shared ---
 
 
 def check_room_for_checkpoint(args: Args, nets: dict, obs_dim: int, act_dim: int):

@@ -310,7 +310,7 @@ class Guidance:
             self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
         self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
         self.scale = torch.ones((), device=device)  # the linear fade's factor (advance)
-        self.probe = torch.Generator(device=device).manual_seed(0)  # separation's actions: training's RNG untouched
+        self.probe = torch.Generator(device=device).manual_seed(0)  # p_separation's actions, apart from training's
 
     @torch.no_grad()
     def recalibrate(self):
@@ -322,25 +322,6 @@ class Guidance:
         mean = td_error.mean()
         self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
                                                self.recent_td_error.lerp(mean, 0.01)))
-
-    @torch.no_grad()
-    def separation(self, obs: torch.Tensor) -> torch.Tensor:
-        """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
-        reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
-        better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
-        if self.reservoir is None:
-            return torch.full((), math.nan)
-
-        def p_vae(o, a):
-            if self.p_estimator == "latent":
-                return p_latent(self.cvae, o, a)
-            return p_elbo(self.cvae, self.neg_elbo_reference, o, a)
-
-        random_actions = torch.rand(obs.shape[0], self.reservoir[1].shape[1], device=obs.device,
-                                    generator=self.probe) * 2.0 - 1.0
-        familiar, novel = p_vae(*self.reservoir), p_vae(obs, random_actions)
-        above = (familiar[:, None] > novel[None, :]).float().mean()
-        return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
 
     def advance(self, step: int):
         """--p-fade linear: p's factor falls from 1 at step 0 to 0 after --p-fade-steps steps."""
@@ -1198,15 +1179,35 @@ class MetricMeans:
         self.total, self.count = None, 0
 
 
+@torch.no_grad()
+def p_separation(guidance: Guidance, obs: torch.Tensor) -> torch.Tensor:
+    """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
+    reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
+    better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
+    if guidance.reservoir is None:
+        return torch.full((), math.nan)
+
+    def p_vae(o, a):
+        if guidance.p_estimator == "latent":
+            return p_latent(guidance.cvae, o, a)
+        return p_elbo(guidance.cvae, guidance.neg_elbo_reference, o, a)
+
+    random_actions = torch.rand(obs.shape[0], guidance.reservoir[1].shape[1], device=obs.device,
+                                generator=guidance.probe) * 2.0 - 1.0
+    familiar, novel = p_vae(*guidance.reservoir), p_vae(obs, random_actions)
+    above = (familiar[:, None] > novel[None, :]).float().mean()
+    return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
+
+
 def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
     """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
-    samg/p_auroc (Guidance.separation at the batch's states)."""
+    samg/p_auroc (p_separation at the batch's states)."""
     writer.add_histogram("samg/p", p, step)
     quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
     for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
         writer.add_scalar(name, value, step)
     if guidance.coef_mode == "cvae":
-        writer.add_scalar("samg/p_auroc", guidance.separation(obs).item(), step)
+        writer.add_scalar("samg/p_auroc", p_separation(guidance, obs).item(), step)
 # --- end shared ---
 
 

@@ -509,7 +509,7 @@ def test_separation_is_the_auroc_of_p_vae_on_offline_pairs_against_random_action
     guide = reservoir_guidance(sac, estimator)
     obs = torch.randn(128, OBS_DIM)
     torch.manual_seed(5)
-    auroc = guide.separation(obs)
+    auroc = sac.p_separation(guide, obs)
     after = torch.rand(())
     torch.manual_seed(5)
     assert torch.rand(()) == after  # separation drew nothing from training's random stream
@@ -530,5 +530,5 @@ def test_separation_is_the_auroc_of_p_vae_on_offline_pairs_against_random_action
 def test_separation_is_one_half_when_p_cannot_tell_and_nan_without_a_reservoir(sac):
     guide = reservoir_guidance(sac, "latent")
     guide.cvae = certain_cvae(sac)  # p_vae = 1 for every pair: all ties
-    assert guide.separation(torch.randn(64, OBS_DIM)).item() == 0.5
-    assert math.isnan(guidance(sac, certain_cvae(sac)).separation(torch.randn(8, OBS_DIM)).item())
+    assert sac.p_separation(guide, torch.randn(64, OBS_DIM)).item() == 0.5
+    assert math.isnan(sac.p_separation(guidance(sac, certain_cvae(sac)), torch.randn(8, OBS_DIM)).item())

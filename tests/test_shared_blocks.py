@@ -12,14 +12,14 @@ ONLINE = ["online arguments", "environment", "networks", "{actor}", "C-VAE and p
 BLOCKS = {
     "pretrain_offline.py": ["environment", "networks", "tanh-Gaussian actor", "deterministic actor", "Gaussian actor",
                             "IQL value and losses", "C-VAE and p(s,a)", "checks, logs and progress", "dataset names",
-                            "offline transitions", "checkpoint I/O", "evaluation"],
+                            "offline transitions", "IQL flags", "checkpoint I/O", "evaluation"],
     "make_dataset.py": ["environment", "networks", "tanh-Gaussian actor", "checks, logs and progress", "dataset names",
                         "evaluation"],
     "samg_sac.py": [name.format(actor="tanh-Gaussian actor") for name in ONLINE],
     "samg_td3.py": [name.format(actor="deterministic actor") for name in ONLINE],
     "samg_awac.py": [name.format(actor="Gaussian actor") for name in ONLINE],
     "samg_iql.py": [name.format(actor="Gaussian actor") for name in ONLINE[:7]] + ["IQL value and losses"]
-                   + ONLINE[7:],
+                   + ONLINE[7:] + ["IQL flags"],
 }
 
 
@@ -53,6 +53,6 @@ def test_each_script_reads_the_algorithm_before_one_plumbing_banner_and_ends_wit
         assert text.index("\ndef main(args: Args):") < banner, script
         assert text.rstrip().endswith("main(tyro.cli(Args))"), script
         for name in ("checks, logs and progress", "checkpoint I/O", "offline transitions", "online setup",
-                     "dataset names"):
+                     "dataset names", "IQL flags"):
             if f"# --- shared: {name} ---" in text:
                 assert text.index(f"# --- shared: {name} ---") > banner, (script, name)
