@@ -609,8 +609,8 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
     body = markdown_body(rows, agg, methods_flags, args.dip_fraction,
                          comparisons(per_run, args.reps, args.seed) if several else None)
     header = (
-        f"# Results\n\nFrom {len(per_run)} runs in {source}. D4RL-normalized scores (x100). Per cell: mean over "
-        f"seeds [95% percentile bootstrap interval, {args.reps} resamples of the seeds, seed {args.seed}]. "
+        f"# Results\n\nFrom {len(per_run)} runs in {source}. D4RL-normalized scores (x100). Per cell: mean "
+        f"[95% percentile bootstrap interval, {args.reps} resamples, seed {args.seed}; its unit is said below]. "
         f"offline = evaluation at online step 0; final online = mean of the last {args.final_evals} evaluation(s); "
         f"dip = lowest evaluation after step 0 within the first {args.dip_fraction:.0%} of online steps; mean "
         "after warm-up = mean of every evaluation after the run's --learning-starts (what fine-tuning costs while "
