@@ -1,7 +1,6 @@
 """Faults a real run meets, as a table: the command, the one sentence it must end with, and the data that must be
 intact afterwards. Ids typed by hand, SIGTERM from a scheduler, a full disk (an OSError(ENOSPC) injected at the
 write, or a place reported full), two writers of one result, and damaged data or checkpoints."""
-import errno
 import json
 import os
 import signal
@@ -318,7 +317,8 @@ def test_a_place_without_room_for_the_result_is_refused_before_any_work(lab, tmp
     result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 8, *TINY,
                  inject=small)
     one_sentence(result, "has 1 MiB free but this run writes about", "--checkpoint-dir")
-    assert not (base / "runs").joinpath("x").exists()
+    assert not (base / "checkpoints" / "local-hopper-medium-v0__td3bc__8.pt").exists()
+    assert "step 1/" not in result.stdout and "step 40/" not in result.stdout  # refused before training
     result = run(base, env, "samg_td3.py", "--env-id", ENV_ID, *ONLINE, "--run-dir", tmp_path / "r", inject=small)
     one_sentence(result, "has 1 MiB free", "--run-dir")
 
