@@ -64,7 +64,9 @@ class OnlineArgs:
     actor_lr: float = 3e-4
     """actor learning rate"""
     coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
-    """p: cvae (SAMG), even (p = 0.5), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    """p: cvae (SAMG), even (p = --even-p), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
+    even_p: float = 0.5
+    """even: the constant p (0.5: the paper's ablation; SAMG's mean p: the same amount of guidance, unconditioned)"""
     p_at: Literal["sample", "next", "both"] = "next"
     """the pair p is evaluated at: sample (s, a) as the paper's text indexes it, next (s', a') whose Q_off value
     enters the target, or both (their product) [our choice of default, by benchmark/results: see README]"""
@@ -276,13 +278,14 @@ def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, acti
 
 # --- shared: SAMG target ---
 def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
-                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor,
+                     even_p: float = 0.5) -> torch.Tensor:
     """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
     batch = obs.shape[0]
     if coef_mode == "none":
         return obs.new_zeros(batch)
     if coef_mode == "even":
-        return obs.new_full((batch,), 0.5)
+        return obs.new_full((batch,), even_p)
     if coef_mode == "random":
         return torch.rand(batch, device=obs.device)
     if p_estimator == "latent":
@@ -300,6 +303,7 @@ class Guidance:
 
     def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
         self.coef_mode, self.p_estimator, self.p_threshold = args.coef_mode, args.p_estimator, args.p_threshold
+        self.even_p = args.even_p
         self.p_at, self.p_fade, self.p_fade_steps = args.p_at, args.p_fade, args.p_fade_steps
         self.cvae, self.reservoir = cvae, None
         if "reservoir_obs" in calibration:
@@ -335,7 +339,7 @@ class Guidance:
 
         def at(o, a):
             return samg_coefficient(self.coef_mode, self.p_estimator, self.p_threshold, self.cvae,
-                                    self.neg_elbo_reference, o, a)
+                                    self.neg_elbo_reference, o, a, self.even_p)
 
         if self.coef_mode != "cvae" or self.p_at == "sample":
             p = at(obs, actions)
@@ -978,7 +982,8 @@ def check_args_and_read_checkpoint(args, algo: str):
                                   "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
                                   "eval_freq", "eval_episodes", "log_freq", "num_critics"),
                   non_negative=("seed", "learning_starts"),
-                  unit_interval=("gamma", "tau", "p_threshold", "mastered_quantile", "offline_data_ratio"))
+                  unit_interval=("gamma", "tau", "p_threshold", "even_p", "mastered_quantile",
+                                 "offline_data_ratio"))
     if args.mastered_quantile == 0.0:
         fail("--mastered-quantile is 0 but must be in (0, 1]: the C-VAE needs at least one mastered sample")
     if args.offline_data_ratio == 1.0:
@@ -1021,7 +1026,8 @@ def method_name(args) -> str:
     if args.coef_mode == "none":
         name = "none"
     else:
-        name = "-".join([args.coef_mode] + ([args.p_at] if args.coef_mode == "cvae" else [])
+        mode = args.coef_mode + (f"{args.even_p:g}" if args.coef_mode == "even" and args.even_p != 0.5 else "")
+        name = "-".join([mode] + ([args.p_at] if args.coef_mode == "cvae" else [])
                         + ["adaptive" if args.adaptive else "static"]
                         + ([f"fade-{args.p_fade}"] if args.p_fade != "none" else []))
     return name + (f"-offline{args.offline_data_ratio:g}" if args.offline_data_ratio > 0 else "")

@@ -59,12 +59,13 @@ EXPORT_TAGS = (
 )
 METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-static-sample",
                 "samg-static-deterministic", "samg-refresh-only",
-                "samg-cvae-only", "samg-outgrown", "samg-linear", "even", "even-static", "random", "random-static",
-                "offline-0.5", "none"]
-BASELINES = ("none", "offline-0.5", "even", "even-static", "random", "random-static")
+                "samg-cvae-only", "samg-outgrown", "samg-linear", "even", "even-static", "even-0.05-static", "random",
+                "random-static", "offline-0.5", "none"]
+BASELINES = ("none", "offline-0.5", "even", "even-static", "even-0.05-static", "random", "random-static")
 # what each arm is set against per cell, at the checkpoint level: the two plain baselines, and the constant p under
 # the same setting (does p's conditioning matter?)
-REFERENCES = {"none": "none", "offline-0.5": "offline-0.5", "even": "even", "even-static": "even-static"}
+REFERENCES = {"none": "none", "offline-0.5": "offline-0.5", "even": "even", "even-static": "even-static",
+              "even-0.05-static": "even-0.05-static"}
 SAMG_DEFAULTS = ("samg", "samg-next")  # the method the verdict lines speak for: the first one present
 Scalars = Dict[str, Tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values)
 

@@ -78,6 +78,8 @@ METHODS = {
     "samg-linear": ("--coef-mode", "cvae", "--p-fade", "linear"),
     "even": ("--coef-mode", "even"),
     "even-static": ("--coef-mode", "even", "--no-adaptive"),
+    # the same amount of guidance as frozen SAMG in the frozen-dip cells (its mean p there is 0.02-0.08), unconditioned
+    "even-0.05-static": ("--coef-mode", "even", "--even-p", "0.05", "--no-adaptive"),
     "random": ("--coef-mode", "random"),
     "random-static": ("--coef-mode", "random", "--no-adaptive"),
     "none": ("--coef-mode", "none"),

@@ -732,6 +732,11 @@ def test_frozen_dip_preset_pretrains_three_checkpoints_per_cell_and_fine_tunes_e
         assert "--qoff-refresh-every" not in run.command  # the shipped default: no refresh within 20k steps
     static = next(run for run in online if run.meta["method"] == "samg-static-sample")
     assert contains(static.command, ["--no-adaptive", "--p-at", "sample"])
+    # the matched constant: even's p at frozen SAMG's mean p, added with --methods
+    preset, _, _ = suite.resolve(suite.Args(preset="frozen-dip", methods=("even-0.05-static",)))
+    matched = [run for run in suite.plan("frozen-dip", preset, "r", "c") if run.stage == "online"]
+    assert len(matched) == 3 * 9 and all(contains(run.command, ["--coef-mode", "even", "--even-p", "0.05",
+                                                                "--no-adaptive"]) for run in matched)
 
 
 @pytest.mark.parametrize("method", sorted(suite.METHODS))

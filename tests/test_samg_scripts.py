@@ -151,6 +151,7 @@ FLAG_CASES = [
     ("samg_td3.py", ["--utd", 0], "--utd is 0 but must be positive"),
     ("samg_awac.py", ["--eval-episodes", 0], "--eval-episodes is 0 but must be positive"),
     ("samg_sac.py", ["--gamma", "nan"], "--gamma is nan but must be in [0, 1]"),
+    ("samg_iql.py", ["--coef-mode", "even", "--even-p", 1.5], "--even-p is 1.5 but must be in [0, 1]"),
     ("samg_sac.py", ["--total-timesteps", 400, "--learning-starts", 500], "must be below --total-timesteps (400)"),
     ("samg_td3.py", ["--offline-data-ratio", 1], "--offline-data-ratio is 1 but must be below 1"),
     ("samg_awac.py", ["--awac-lambda", 0], "--awac-lambda is 0.0 but must be positive"),

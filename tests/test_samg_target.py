@@ -147,7 +147,8 @@ def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(
     torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
 
 
-def test_sac_target_at_p_one_half_is_the_average_of_both_soft_targets(sac):
+@pytest.mark.parametrize("even_p", [0.5, 0.05])
+def test_sac_target_at_a_constant_p_mixes_both_soft_targets_in_that_proportion(sac, even_p):
     data = batch()
     torch.manual_seed(1)
     actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
@@ -158,11 +159,12 @@ def test_sac_target_at_p_one_half_is_the_average_of_both_soft_targets(sac):
         for coef_mode in ("even", "none"):
             torch.manual_seed(7)
             targets[coef_mode], _, _ = sac.sac_target(data, actor, critic_target, q_offline,
-                                                      guidance(sac, coef_mode=coef_mode), log_alpha, 0.99,
-                                                      diagnose=False)
+                                                      guidance(sac, coef_mode=coef_mode, even_p=even_p), log_alpha,
+                                                      0.99, diagnose=False)
         torch.manual_seed(7)
         offline = sac_reference(sac, data, actor, q_offline, log_alpha, 0.99)
-    torch.testing.assert_close(targets["even"], 0.5 * (targets["none"] + offline), rtol=1e-6, atol=1e-5)
+    expected = (1 - even_p) * targets["none"] + even_p * offline
+    torch.testing.assert_close(targets["even"], expected, rtol=1e-6, atol=1e-5)
 
 
 # --- p(s, a) ---
@@ -203,9 +205,20 @@ def test_elbo_estimator_is_the_share_of_offline_pairs_at_least_as_unusual(sac):
     assert p.tolist() == [1.0, 0.5, 0.0]
 
 
-def test_even_mode_gives_one_half_to_every_sample(sac):
+def test_even_mode_gives_one_half_to_every_sample_unless_told_another_constant(sac):
     p = sac.samg_coefficient("even", "latent", 0.9, None, None, torch.zeros(7, OBS_DIM), torch.zeros(7, ACT_DIM))
     assert p.tolist() == [0.5] * 7
+    p = sac.samg_coefficient("even", "latent", 0.9, None, None, torch.zeros(7, OBS_DIM), torch.zeros(7, ACT_DIM),
+                             even_p=0.05)  # below the threshold too: even is unthresholded
+    torch.testing.assert_close(p, torch.full((7,), 0.05))
+
+
+@pytest.mark.parametrize("script", ["sac", "td3", "awac", "iql"])
+def test_run_names_say_a_constant_p_other_than_the_papers_one_half(script):
+    module = load_script(f"samg_{script}")
+    assert module.method_name(module.Args(coef_mode="even", adaptive=False)) == "even-static"
+    assert module.method_name(module.Args(coef_mode="even", even_p=0.05, adaptive=False)) == "even0.05-static"
+    assert module.method_name(module.Args(coef_mode="cvae", even_p=0.05)) == "cvae-next-adaptive"
 
 
 def test_random_mode_draws_p_uniformly_per_sample_and_follows_the_seed(sac):
