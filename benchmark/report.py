@@ -18,12 +18,17 @@ method); a task is one (env id, algo). The report (in `--out-dir`, by default `{
   is the independent checkpoint: a cell whose runs fine-tuned several checkpoints (`checkpoint_seed`) is the mean
   over checkpoints of each one's mean over seeds, its interval from resampling the checkpoints and then the seeds
   within each; a cell with one checkpoint is the mean over its seeds, resampled. With several checkpoints, each
-  arm is also set against none, offline-0.5 and even / even-static in the same cell, paired by checkpoint (the
-  difference's interval from the same nested resampling of both). Across tasks, with rliable: the interquartile
-  mean (IQM) of the final scores per method with stratified bootstrap 95% intervals, and the probability of
-  improvement of every SAMG method (name `samg...`) over each baseline (none, offline-0.5, even, random), with its
-  interval; with several checkpoints everywhere, over checkpoints (each one's mean over its seeds). Only methods
-  that have runs in every task enter these; the report names the ones left out.
+  arm is also set against none, offline-0.5 and even / even-static in the same cell (the shipped default also
+  against its frozen variant, samg-static), paired by checkpoint (the difference's interval from the same nested
+  resampling of both). "Pooled across cells": each of these comparisons over the checkpoints of every cell where
+  both arms ran (one paired difference per checkpoint: its mean over seeds of the arm minus the reference's), with
+  how many point each way, their mean, the exact two-sided sign-flip (permutation) p of the mean (all 2^n sign
+  patterns up to n = 20, a seeded Monte-Carlo above) and the exact two-sided sign test. Across tasks, with
+  rliable: the interquartile mean (IQM) of the final scores per method with stratified bootstrap 95% intervals,
+  and the probability of improvement of every SAMG method (name `samg...`) over each baseline (none,
+  offline-0.5, even, random), with its interval; with several checkpoints everywhere, over checkpoints (each
+  one's mean over its seeds). Only methods that have runs in every task enter these; the report names the ones
+  left out.
 - `curves_{env}__{algo}.png`: per task a 2x2 figure (2x3 where runs logged samg/p_q50 and samg/p_auroc), one line
   per method: the normalized score, and the SAMG
   diagnostics samg/p_mean, samg/p_active_frac and Q_off - Qbar (samg/qoff_values - samg/qbar_values); each line
@@ -32,6 +37,16 @@ method); a task is one (env id, algo). The report (in `--out-dir`, by default `{
   empty where the scalar was not logged at that step) and `scalars/{run id}.json` (the run's suite.json), from
   which `--from-csv` rebuilds the same report without the TensorBoard logs. Several `--from-csv` folders (say one
   per environment) make one report over all their runs; `--env-ids` keeps the runs of the env ids given.
+
+What a percentile interval over 3 checkpoints can and cannot show: the checkpoints can be resampled in only 10
+distinct ways (multisets of 3 of 3), and each draw of one checkpoint three times has probability 1/27, above
+2.5%, so, the seeds' spread aside, the 95% interval of a paired difference runs from the lowest checkpoint's
+difference to the highest. An interval that excludes 0 is then close to "all three checkpoints point the same
+way", which happens by chance in 2 of the 8 sign patterns when there is no difference: it can show that the
+checkpoints agree in sign, not an error rate near the nominal 5%, nor a difference that one checkpoint reverses.
+The smallest exact two-sided sign-flip p is 0.25 with 3 checkpoints, 0.0039 with 9: per-cell `higher` / `lower`
+labels are first readings, and a claim across cells rests on the pooled tests. results.md says this in its header
+for the number of checkpoints it has.
 
 The bootstrap is seeded (`--seed`), so the same runs give the same report. All scores are D4RL-normalized
 (`eval/normalized_score`, x100).
@@ -62,11 +77,15 @@ METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", 
                 "samg-cvae-only", "samg-outgrown", "samg-linear", "even", "even-static", "even-0.05-static", "random",
                 "random-static", "offline-0.5", "none"]
 BASELINES = ("none", "offline-0.5", "even", "even-static", "even-0.05-static", "random", "random-static")
-# what each arm is set against per cell, at the checkpoint level: the two plain baselines, and the constant p under
-# the same setting (does p's conditioning matter?)
+# what each arm is set against per cell, at the checkpoint level: the two plain baselines, the constant p under
+# the same setting (does p's conditioning matter?) and, for the shipped default only, its frozen variant (does the
+# adaptive C-VAE help?)
 REFERENCES = {"none": "none", "offline-0.5": "offline-0.5", "even": "even", "even-static": "even-static",
-              "even-0.05-static": "even-0.05-static"}
+              "even-0.05-static": "even-0.05-static", "samg-static": "samg-static"}
 SAMG_DEFAULTS = ("samg", "samg-next")  # the method the verdict lines speak for: the first one present
+# the pooled sign-flip test enumerates every sign pattern up to this many checkpoints, and draws this many above
+EXACT_SIGN_FLIP_MAX = 20
+SIGN_FLIP_DRAWS = 100_000
 Scalars = Dict[str, Tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values)
 
 
@@ -295,30 +314,125 @@ def cell_rows(per_run: List[dict], reps: int, seed: int) -> List[dict]:
     return rows
 
 
-def comparisons(per_run: List[dict], reps: int, seed: int) -> List[dict]:
-    """Per task, every arm against each of REFERENCES it shares checkpoints with (the SAMG arms and the constant p
-    against none and offline-0.5; the SAMG arms against even / even-static): the paired checkpoint-level
-    difference (paired_difference_ci) of the final score, the dip and the mean after warm-up."""
+COMPARED_KEYS = ("final", "dip", "during")
+
+
+def runs_by_cell(per_run: List[dict]) -> Dict[Tuple[str, str], Dict[str, List[dict]]]:
+    """(env id, algo) -> method -> its runs, cells in sorted order."""
     cells: Dict[Tuple[str, str], Dict[str, List[dict]]] = {}
     for run in per_run:
         cells.setdefault((run["env_id"], run["algo"]), {}).setdefault(run["method"], []).append(run)
-    out = []
-    for (env_id, algo), methods in sorted(cells.items()):
-        for method in sorted(methods, key=method_rank):
-            if method in ("none", "offline-0.5"):
+    return dict(sorted(cells.items()))
+
+
+def compared_pairs(methods) -> List[Tuple[str, str]]:
+    """The (arm, reference) pairs a cell with these methods is compared on: every arm but the two plain baselines
+    against each of REFERENCES present; the constant-p references (even...) for the SAMG arms only, `samg-static`
+    for the shipped default (SAMG_DEFAULTS) only."""
+    pairs = []
+    for method in sorted(methods, key=method_rank):
+        if method in ("none", "offline-0.5"):
+            continue
+        for reference in REFERENCES:
+            if reference == method or reference not in methods:
                 continue
-            for reference in REFERENCES:
-                if reference == method or reference not in methods:
-                    continue
-                if reference.startswith("even") and not method.startswith("samg"):
-                    continue
-                row = {"env_id": env_id, "algo": algo, "method": method, "reference": reference}
-                for key in ("final", "dip", "during"):
-                    *row[key], row["checkpoints"] = paired_difference_ci(
-                        by_checkpoint(methods[method], key), by_checkpoint(methods[reference], key), reps, seed)
-                    row[key] = tuple(row[key])
-                out.append(row)
+            if reference.startswith("even") and not method.startswith("samg"):
+                continue
+            if reference == "samg-static" and method not in SAMG_DEFAULTS:
+                continue
+            pairs.append((method, reference))
+    return pairs
+
+
+def comparisons(per_run: List[dict], reps: int, seed: int) -> List[dict]:
+    """Per task, every arm against each reference it shares checkpoints with (compared_pairs): the paired
+    checkpoint-level difference (paired_difference_ci) of the final score, the dip and the mean after warm-up."""
+    out = []
+    for (env_id, algo), methods in runs_by_cell(per_run).items():
+        for method, reference in compared_pairs(methods):
+            row = {"env_id": env_id, "algo": algo, "method": method, "reference": reference}
+            for key in COMPARED_KEYS:
+                *row[key], row["checkpoints"] = paired_difference_ci(
+                    by_checkpoint(methods[method], key), by_checkpoint(methods[reference], key), reps, seed)
+                row[key] = tuple(row[key])
+            out.append(row)
     return out
+
+
+# --- pooled across cells: exact tests over the checkpoint-level paired differences ---
+def checkpoint_differences(x: Dict[int, np.ndarray], y: Dict[int, np.ndarray]) -> List[float]:
+    """Per checkpoint both arms fine-tuned, in x's checkpoint order: x's mean over its seeds minus y's."""
+    return [float(x[checkpoint].mean() - y[checkpoint].mean()) for checkpoint in x if checkpoint in y]
+
+
+def sign_counts(differences) -> Tuple[int, int, int]:
+    """How many differences are negative, positive and exactly zero."""
+    values = np.asarray(differences, dtype=np.float64)
+    return int((values < 0).sum()), int((values > 0).sum()), int((values == 0).sum())
+
+
+def sign_flip_sums(magnitudes) -> np.ndarray:
+    """The sum of +-magnitude over all 2^n sign patterns (built by doubling: each magnitude added, then
+    subtracted, to every sum so far)."""
+    sums = np.zeros(1)
+    for magnitude in magnitudes:
+        sums = np.concatenate([sums + magnitude, sums - magnitude])
+    return sums
+
+
+def sign_flip_p(differences, seed: int = 0, draws: int = SIGN_FLIP_DRAWS) -> float:
+    """Two-sided sign-flip (permutation) p-value of the mean of paired differences: under "no difference" each
+    difference is as likely negative as positive, so p is the share of the 2^n sign patterns whose |sum| is at
+    least the observed |sum| (equal within 1e-9 counts as at least). Exact, by enumeration, for n <=
+    EXACT_SIGN_FLIP_MAX; above, `draws` random patterns from numpy's default_rng(seed), p = (1 + hits) /
+    (1 + draws). NaN without differences."""
+    values = np.asarray(differences, dtype=np.float64)
+    if values.size == 0:
+        return math.nan
+    magnitudes = np.abs(values)
+    threshold = abs(values.sum()) - 1e-9 * max(1.0, magnitudes.sum())
+    if values.size <= EXACT_SIGN_FLIP_MAX:
+        return float(np.mean(np.abs(sign_flip_sums(magnitudes)) >= threshold))
+    rng, hits = np.random.default_rng(seed), 0
+    for start in range(0, draws, 10_000):
+        signs = rng.choice([-1.0, 1.0], size=(min(10_000, draws - start), values.size))
+        hits += int((np.abs(signs @ magnitudes) >= threshold).sum())
+    return (1 + hits) / (1 + draws)
+
+
+def sign_test_p(negative: int, positive: int) -> float:
+    """Exact two-sided sign test: 2 P(B <= min(negative, positive)), B ~ Binomial(negative + positive, 1/2), at
+    most 1 (ties are left out before: they say neither way); 1.0 without a signed difference."""
+    count = negative + positive
+    tail = sum(math.comb(count, k) for k in range(min(negative, positive) + 1))
+    return min(1.0, 2.0 * tail / 2 ** count)
+
+
+def pooled_test(differences, seed: int = 0) -> dict:
+    """n, how many differences are negative / positive / zero, their mean, the sign-flip and the sign-test p."""
+    negative, positive, zero = sign_counts(differences)
+    return {"n": len(differences), "negative": negative, "positive": positive, "zero": zero,
+            "mean": float(np.mean(differences)) if len(differences) else math.nan,
+            "sign_flip_p": sign_flip_p(differences, seed), "sign_test_p": sign_test_p(negative, positive)}
+
+
+def pooled_comparisons(per_run: List[dict], seed: int = 0) -> List[dict]:
+    """Every (arm, reference) pair that some cell compares (compared_pairs), pooled over all the cells where both
+    ran: per score of COMPARED_KEYS, the checkpoint-level differences (checkpoint_differences) of every such cell
+    together, tested by pooled_test; `cells` counts the cells that contributed to the final score."""
+    pooled: Dict[Tuple[str, str], dict] = {}
+    for methods in runs_by_cell(per_run).values():
+        for method, reference in compared_pairs(methods):
+            entry = pooled.setdefault((method, reference), {"cells": 0, **{key: [] for key in COMPARED_KEYS}})
+            for key in COMPARED_KEYS:
+                differences = checkpoint_differences(by_checkpoint(methods[method], key),
+                                                     by_checkpoint(methods[reference], key))
+                entry[key] += differences
+                entry["cells"] += int(key == "final" and bool(differences))
+    order = sorted(pooled, key=lambda pair: (method_rank(pair[0]), list(REFERENCES).index(pair[1])))
+    return [{"method": method, "reference": reference, "cells": pooled[(method, reference)]["cells"],
+             **{key: pooled_test(pooled[(method, reference)][key], seed) for key in COMPARED_KEYS}}
+            for method, reference in order]
 
 
 # --- across tasks, with rliable ---
@@ -426,6 +540,40 @@ def verdict_word(estimate: Tuple[float, float, float], lower_is_better: bool = F
     return "higher" if low > 0.0 else "lower"
 
 
+def format_p(p: float) -> str:
+    """A p-value: two decimals, two significant digits below 0.1 (0.055, 0.0039); n/a for NaN."""
+    if not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2f}" if p >= 0.1 else f"{p:.2g}"
+
+
+def distinct_resamples(units: int) -> int:
+    """How many different resamples (multisets) drawing `units` of `units` with replacement can give."""
+    return math.comb(2 * units - 1, units)
+
+
+def smallest_sign_flip_p(units: int) -> float:
+    """The smallest two-sided sign-flip p that `units` nonzero differences can reach: 2 patterns of 2^units."""
+    return min(1.0, 2.0 / 2 ** units)
+
+
+def interval_note(units: int) -> str:
+    """What a percentile interval over `units` checkpoints can and cannot show, for the results' header."""
+    note = (f"What an interval over {units} checkpoints can show: resampling {units} checkpoints has only "
+            f"{distinct_resamples(units)} distinct outcomes")
+    if units ** -units > 0.025:  # a draw of one checkpoint `units` times is more likely than the 2.5% tail
+        note += (f", and each that draws one checkpoint {units} times has probability 1/{units ** units}, above "
+                 "2.5%, so (the seeds' spread aside) the 95% interval of a paired difference runs from the lowest "
+                 f"checkpoint's difference to the highest: an interval that excludes 0 is close to \"all {units} "
+                 "checkpoints point the same way\", which with no true difference happens by chance in 2 of "
+                 f"the {2 ** units} sign patterns ({smallest_sign_flip_p(units):.0%}). It can show that the "
+                 "checkpoints agree in sign; it cannot keep the rate of false `higher` / `lower` near 5%, nor show "
+                 "a difference that one checkpoint reverses")
+    return (note + f". The smallest exact two-sided sign-flip p that {units} checkpoints can reach is "
+            f"{format_p(smallest_sign_flip_p(units))} (with 9: {format_p(smallest_sign_flip_p(9))}). The per-cell "
+            "`higher` / `lower` labels are first readings; the pooled tests across cells are where a claim stands.")
+
+
 def seeds_column(row: dict) -> str:
     """How many runs; with several checkpoints, also how many checkpoints (the unit of the interval)."""
     if len(row.get("checkpoints", [1])) > 1:
@@ -433,8 +581,35 @@ def seeds_column(row: dict) -> str:
     return str(len(row["seeds"]))
 
 
+SCORE_NAMES = {"final": "final", "dip": "dip", "during": "mean after warm-up"}
+
+
+def pooled_lines(pooled: List[dict]) -> List[str]:
+    """The markdown section of pooled_comparisons: one row per (arm, reference, score)."""
+    lines = ["", "## Pooled across cells (paired by checkpoint)", "",
+             "Each checkpoint's difference is the arm's mean over its seeds minus the reference's, in its own cell; "
+             "the differences of every cell where both arms ran are pooled (`cells`; `ckpt` = n). below / above / "
+             "tied: on how many checkpoints the arm was below, above or equal to the reference (a dip below is a "
+             "deeper one). sign-flip p: exact two-sided permutation p of the mean difference (all 2^n sign "
+             f"patterns; above {EXACT_SIGN_FLIP_MAX} checkpoints {SIGN_FLIP_DRAWS:,} seeded random ones); sign-test "
+             "p: exact two-sided binomial p of below against above (ties left out). The smallest p that n "
+             "checkpoints can reach is 2 / 2^n (0.25 with 3, 0.0039 with 9). One p per row, not corrected for the "
+             "number of rows.", "",
+             "| arm | reference | score | cells | ckpt | below / above / tied | mean difference | sign-flip p | "
+             "sign-test p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in pooled:
+        for key in COMPARED_KEYS:
+            test = row[key]
+            mean = f"{test['mean']:.1f}" if math.isfinite(test["mean"]) else "n/a"
+            lines.append(f"| {row['method']} | {row['reference']} | {SCORE_NAMES[key]} | {row['cells']} | "
+                         f"{test['n']} | {test['negative']} / {test['positive']} / {test['zero']} | {mean} | "
+                         f"{format_p(test['sign_flip_p'])} | {format_p(test['sign_test_p'])} |")
+    return lines
+
+
 def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], dip_fraction: float,
-                  compared: Optional[List[dict]] = None) -> str:
+                  compared: Optional[List[dict]] = None, pooled: Optional[List[dict]] = None) -> str:
     lines = ["## Per cell", "",
              f"| env | algo | method | seeds | offline | final online | dip (first {dip_fraction:.0%}) | "
              "mean after warm-up |",
@@ -454,6 +629,8 @@ def markdown_body(rows: List[dict], agg: dict, methods_flags: Dict[str, list], d
             cells = " | ".join(f"{format_ci(row[key])} {verdict_word(row[key])}" for key in ("final", "dip", "during"))
             lines.append(f"| {row['env_id']} | {row['algo']} | {row['method']} | {row['reference']} | "
                          f"{row['checkpoints']} | {cells} |")
+    if pooled:
+        lines += pooled_lines(pooled)
     tasks = ", ".join(f"{env_id} {algo}" for env_id, algo in agg["tasks"])
     lines += ["", "## Across tasks", "", f"{len(agg['tasks'])} task(s): {tasks}."]
     for method, missing in agg["left_out"].items():
@@ -607,8 +784,9 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
     agg = aggregate(per_run, args.reps, args.seed)
     rows = cell_rows(per_run, args.reps, args.seed)
     several = any(len(row["checkpoints"]) > 1 for row in rows)
-    body = markdown_body(rows, agg, methods_flags, args.dip_fraction,
-                         comparisons(per_run, args.reps, args.seed) if several else None)
+    compared = comparisons(per_run, args.reps, args.seed) if several else None
+    pooled = pooled_comparisons(per_run, args.seed) if several else None
+    body = markdown_body(rows, agg, methods_flags, args.dip_fraction, compared, pooled)
     header = (
         f"# Results\n\nFrom {len(per_run)} runs in {source}. D4RL-normalized scores (x100). Per cell: mean "
         f"[95% percentile bootstrap interval, {args.reps} resamples, seed {args.seed}; its unit is said below]. "
@@ -620,8 +798,10 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
         "shown as that value. The unit of an interval: where a cell's runs fine-tuned several checkpoints "
         "(checkpoint_seed in the runs' suite.json; `ckpt` in the seeds column), the checkpoint (checkpoints "
         "resampled, then the online seeds within each) and, across tasks, one checkpoint's mean over its seeds; "
-        "where one checkpoint serves every online seed, the online seeds from that one start.\n\n"
+        "where one checkpoint serves every online seed, the online seeds from that one start."
     )
+    units = [row["checkpoints"] for row in compared or [] if row["checkpoints"] > 1]
+    header += (" " + interval_note(min(units)) if units else "") + "\n\n"
     write_staged(out_dir / "results.md", (header + body).encode())
     return body, plot_tasks(used, out_dir, args.reps, args.seed) if args.plots else []
 
