@@ -133,14 +133,9 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 
 # --- shared: networks ---
 def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
-    if output_activation is not None:
-        layers.append(output_activation)
-    return nn.Sequential(*layers)
+    """Linear layers with ReLUs between them (in place: one activation buffer less per layer)."""
+    layers = [layer for d_in, d_out in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(d_in, d_out), nn.ReLU(True))]
+    return nn.Sequential(*layers[:-1], *([output_activation] if output_activation is not None else []))
 
 
 class VectorizedLinear(nn.Module):

@@ -138,14 +138,9 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 
 # --- shared: networks ---
 def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
-    if output_activation is not None:
-        layers.append(output_activation)
-    return nn.Sequential(*layers)
+    """Linear layers with ReLUs between them (in place: one activation buffer less per layer)."""
+    layers = [layer for d_in, d_out in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(d_in, d_out), nn.ReLU(True))]
+    return nn.Sequential(*layers[:-1], *([output_activation] if output_activation is not None else []))
 
 
 class VectorizedLinear(nn.Module):
@@ -218,7 +213,7 @@ class TanhGaussianActor(nn.Module):
 
 # --- shared: deterministic actor ---
 class DeterministicActor(nn.Module):
-    """TD3/TD3+BC policy: a = tanh(f(s)); exploration noise is added by the caller."""
+    """TD3/TD3+BC policy: a = tanh(f(s)). It has one action per state; exploration noise is added by the caller."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
         super().__init__()
@@ -227,7 +222,8 @@ class DeterministicActor(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs)
 
-    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """The same action either way (the interface evaluate() shares with the stochastic actors)."""
         return self(obs)
 # --- end shared ---
 
@@ -305,8 +301,9 @@ def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tens
     return F.mse_loss(recon, action) + 0.5 * kl
 
 
-def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+def unfamiliarity(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu), summed squared error + KL: low = familiar. A
+    score to rank pairs by, not the training loss (cvae_loss averages over elements and halves the KL)."""
     mu, log_std = cvae.encode(obs, action)
     recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
     kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
@@ -320,10 +317,11 @@ def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tenso
     return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
 
 
-def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
-    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
-    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+def p_elbo(cvae: CVAE, reference: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline pairs at most as familiar as (s, a): `reference` holds the sorted unfamiliarity scores of
+    offline pairs (or quantiles of them)."""
+    below = torch.searchsorted(reference, unfamiliarity(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / reference.numel()
 # --- end shared ---
 
 
@@ -511,7 +509,7 @@ def calibrate_cvae(cvae: CVAE, obs: torch.Tensor, actions: torch.Tensor, max_sam
     offline pairs (normalised as the networks see them) that the online scripts re-rank against after C-VAE updates;
     the reservoir never trains anything."""
     index = torch.randperm(obs.shape[0], device=obs.device)[:max_samples]
-    scores = torch.cat([negative_elbo(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
+    scores = torch.cat([unfamiliarity(cvae, obs[chunk], actions[chunk]) for chunk in index.split(8192)])
     quantiles = torch.quantile(scores, torch.linspace(0, 1, 1001, device=scores.device))
     reservoir = torch.randperm(obs.shape[0], device=obs.device)[:reservoir_size]
     return {"neg_elbo_quantiles": quantiles.cpu().contiguous(),
@@ -1032,7 +1030,6 @@ def comparability_warning(env_id: str, dataset_id: str) -> Optional[str]:
             "(import the original file with make_dataset.py --from-d4rl for that)")
 
 
-# --- shared: offline transitions ---
 def read_transitions(dataset_id: str):
     """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated), checked finite;
     returns them and the open dataset."""
@@ -1073,7 +1070,6 @@ def read_transitions(dataset_id: str):
 
 
 MAX_REWARD = 1e6  # [our choice] |r| above this is refused: Q ~ r / (1 - gamma) and its square must stay in float32
-# --- end shared ---
 
 
 def load_dataset(dataset_id: str) -> dict:
@@ -1112,13 +1108,11 @@ def load_dataset(dataset_id: str) -> dict:
                 ref_min_score=float(ref_scores[0]), ref_max_score=float(ref_scores[1]))
 
 
-# --- shared: IQL flags ---
 def check_expectile(expectile: Optional[float]):
     """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
     the loss vanishes and V drifts without bound."""
     if expectile is not None and not 0.0 < expectile < 1.0:
         fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
-# --- end shared ---
 
 
 def check_room_for_checkpoint(args: Args, nets: dict, obs_dim: int, act_dim: int):
@@ -1153,7 +1147,7 @@ def check_args_and_read_dataset(args: Args):
     return dataset_id, data, checkpoint_path
 
 
-# --- shared: checkpoint I/O ---
+# The checkpoint file: staged, moved into place without replacing another run's, rescued where the disk is full.
 CHECKPOINT_FORMAT = "samg-offline-1"
 CHECKPOINT_KEYS = (
     "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
@@ -1229,94 +1223,6 @@ def checkpoint_bytes(networks, extra_values: int = 0) -> int:
     values = sum(p.numel() for network in networks for p in network.state_dict().values()) + extra_values
     return 4 * values + (1 << 20)
 
-
-def read_checkpoint(path: str, algo: str) -> dict:
-    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
-    if checkpoint["algo"] != algo:
-        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
-             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
-    check_checkpoint_fields(checkpoint, path)
-    return checkpoint
-
-
-# the numeric fields besides the weights: (field, shape, rule); a shape names sizes the checkpoint states, or sizes
-# bound where first seen (the quantiles' and the reservoir's lengths); "one" is a single number
-CHECKPOINT_NUMBERS = (
-    ("obs_mean", ("obs_dim",), "finite"), ("obs_std", ("obs_dim",), "positive"), ("action_low", ("act_dim",), "finite"),
-    ("action_high", ("act_dim",), "finite"), ("reward_scale", (), "finite"), ("reward_bias", (), "finite"),
-    ("ref_min_score", (), "finite"), ("ref_max_score", (), "finite"), ("log_alpha", "one", "finite"),
-    ("neg_elbo_quantiles", ("quantiles",), "sorted"), ("reservoir_obs", ("reservoir", "obs_dim"), "finite"),
-    ("reservoir_actions", ("reservoir", "act_dim"), "finite"),
-)
-
-
-def check_checkpoint_fields(checkpoint: dict, path: str):
-    """Every field besides the weights is checked for type, shape and finiteness (CHECKPOINT_NUMBERS), so a damaged
-    or hand-edited checkpoint is one sentence here instead of a traceback or silent nan later."""
-    def bad(key: str, what: str):
-        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
-
-    for key in ("obs_dim", "act_dim", "latent_dim"):
-        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
-            bad(key, f"{checkpoint[key]!r} is not a positive integer")
-    hidden = checkpoint["hidden_dims"]
-    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
-        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
-    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
-        bad("gym_id or gym_kwargs", "not a string and a dict")
-    calibration = checkpoint["cvae_calibration"]
-    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
-        bad("cvae_calibration", "no neg_elbo_quantiles")
-    fields, sizes = {**calibration, **checkpoint}, dict(checkpoint)
-    for key, shape, rule in CHECKPOINT_NUMBERS:
-        if key not in fields and (key == "log_alpha" or "reservoir_obs" not in calibration):
-            continue  # log_alpha: cql only; the reservoir: checkpoints written since it was added
-        try:
-            value = torch.as_tensor(fields.get(key), dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            bad(key, "not numbers")
-        if shape == "one" and value.numel() != 1:
-            bad(key, "not a single number")
-        needed = tuple(sizes.setdefault(size, got) for size, got in zip(shape, value.shape)) if shape != "one" else ()
-        if shape != "one" and (value.dim() != len(shape) or tuple(value.shape) != needed):
-            bad(key, "not a sorted 1-d list of at least two values" if rule == "sorted" else
-                f"shape {tuple(value.shape)} where {tuple(sizes.get(size, '?') for size in shape)} is needed")
-        if not torch.isfinite(value).all() or (rule == "positive" and not (value > 0).all()):
-            bad(key, "values that are not finite" + (" and positive" if rule == "positive" else ""))
-        if rule == "sorted" and (value.numel() < 2 or not (value[1:] >= value[:-1]).all()):
-            bad(key, "not a sorted 1-d list of at least two values")
-    if not (torch.as_tensor(checkpoint["action_low"]) < torch.as_tensor(checkpoint["action_high"])).all():
-        bad("action_low", "not below action_high everywhere")
-    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
-        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
-    if sizes.get("reservoir", 2) < 2:
-        bad("reservoir_obs", "fewer than two pairs")
-
-
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> nn.Module:
-    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's;
-    returns the module."""
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
-             "pretrain_offline.py")
-    if not all(torch.isfinite(value).all() for value in module.state_dict().values()):
-        fail(f"the {what} in {path} has weights that are not finite (nan or inf: its training diverged); pretrain "
-             "it again, on data whose rewards are of a sane size")
-    return module
-# --- end shared ---
 
 
 def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: dict, calibration: dict,

@@ -3,22 +3,24 @@
     python pretrain_offline.py --env-id hopper-medium-v2 --algo iql
     python samg_iql.py --env-id hopper-medium-v2
 
-IQL's critics learn from r + gamma V(s') and never evaluate an action outside the data, so SAMG's guidance acts on
-the state value [our choice]: y = r + gamma (1 - d) [(1 - p) V(s') + p V_off(s')], with V_off the frozen offline
-value network (`iql_target`, which hands both values to the shared `samg_target`; p from `samg_coefficient`).
-The target has no next action, so `--p-at next` evaluates p at (s', a' ~ pi(s')), the action the online agent,
-whose data V is fitted to, takes at s' [our choice]; `--p-at sample` at (s, a) draws no action at all.
-The adaptive refresh copies V into V_off (--qoff-refresh, --qoff-refresh-every). The offline dataset is never
-read: everything comes from the checkpoint.
+SAMG (Zhang et al., arXiv:2410.18626) keeps the pretrained offline critic Q_off frozen and mixes it into the online
+Bellman target through a coefficient p(s, a) in [0, 1] from a conditional VAE of the offline (s, a) pairs:
+
+    y = r + gamma (1 - done) [(1 - p) V(s') + p V_off(s')]                                 (update_critic)
+
+IQL's critics regress to r + gamma V(s'), so the frozen offline state value V_off plays Q_off's part [our choice].
+
+Familiar pairs lean on Q_off; pairs unlike the offline data (p below --p-threshold) get the plain IQL target.
+The defaults are the paper's SAMG as its abstract describes it: Q_off is frozen for the whole run, and p adapts: the
+C-VAE keeps learning on the online pairs the critic already fits ("mastered"). --no-adaptive freezes the C-VAE too;
+--coef-mode even / random / none are the paper's ablations and plain fine-tuning. The replay buffer holds online data
+only: the offline dataset is never read, except by --offline-data-ratio (the baseline that keeps it).
 """
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -39,30 +41,22 @@ OFFLINE_ALGO = "iql"  # the `pretrain_offline.py --algo` whose checkpoint this s
 # --- shared: online arguments ---
 @dataclass
 class OnlineArgs:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
     env_id: str = "hopper-medium-v2"
     """the dataset id the checkpoint was pretrained on (it names the default checkpoint)"""
     seed: int = 1
     """seed of the experiment; also picks the checkpoint"""
     checkpoint: Optional[str] = None
-    """offline checkpoint (default: checkpoints/{env_id, / as -}__{algo}__{seed}.pt)"""
-    gym_id: Optional[str] = None
-    """Gymnasium id to fine-tune on instead of the checkpoint's own (its spaces must match the checkpoint)"""
+    """the offline checkpoint; None: checkpoints/{env_id with / as -}__{algo}__{seed}.pt"""
     total_timesteps: int = 250_000
     """online environment steps"""
     learning_starts: int = 5000
     """steps collected with the pretrained policy before the first update"""
-    utd: int = 1
-    """updates per environment step (update-to-data ratio)"""
     batch_size: int = 256
     """minibatch size"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
     """target network smoothing coefficient"""
-    num_critics: Optional[int] = None
-    """Q-functions in the ensemble (default: the checkpoint's; extra members repeat the checkpoint's in turn)"""
     critic_lr: float = 3e-4
     """critic learning rate"""
     actor_lr: float = 3e-4
@@ -70,64 +64,37 @@ class OnlineArgs:
     coef_mode: Literal["cvae", "even", "random", "none"] = "cvae"
     """p: cvae (SAMG), even (p = --even-p), random (p ~ U(0, 1)), none (p = 0: plain fine-tuning)"""
     even_p: float = 0.5
-    """even: the constant p (0.5: the paper's ablation; SAMG's mean p: the same amount of guidance, unconditioned)"""
-    p_at: Literal["sample", "next", "both"] = "next"
-    """the pair p is evaluated at: sample (s, a) as the paper's text indexes it, next (s', a') whose Q_off value
-    enters the target, or both (their product) [our choice of default, by benchmark/results: see README]"""
-    p_estimator: Literal["latent", "elbo"] = "elbo"
-    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs; the default, by benchmark/ood.py) or latent"""
+    """even: the constant p (0.5 is the paper's ablation)"""
+    p_at: Literal["sample", "next"] = "next"
+    """the pair p is taken at: next (s', a'), whose Q_off value enters the target, or sample (s, a) [our choice]"""
+    p_estimator: Literal["elbo", "latent"] = "elbo"
+    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs) or latent (encoder tail mass) [our choice]"""
     p_threshold: float = 0.2
     """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
-    p_fade: Literal["none", "outgrown", "linear"] = "none"
-    """lower p where the agent has outgrown Q_off: outgrown (p = 0 where Qbar(s', a') exceeds Q_off(s', a') by more
-    than the recent mean |TD error|), linear (p x max(0, 1 - step / --p-fade-steps)) [our choice]"""
-    p_fade_steps: int = 100_000
-    """linear fade: environment steps after which p is 0"""
     adaptive: bool = True
-    """the adaptive update: both halves below (no: the C-VAE, its reference and Q_off stay frozen)"""
-    cvae_learning: bool = True
-    """adaptive half (a): the C-VAE learns on mastered samples, and the elbo reference is re-ranked as it learns"""
-    qoff_refresh: bool = True
-    """adaptive half (b): copy the online critic into Q_off every --qoff-refresh-every steps"""
+    """the C-VAE keeps learning on mastered online pairs, so p grows where the agent has learned (no: frozen)"""
     mastered_quantile: float = 0.5
-    """share of each batch, lowest |TD error| first, that counts as mastered"""
-    cvae_update_every: int = 1
-    """adaptive: one C-VAE step on the mastered samples every this many updates"""
+    """adaptive: share of each batch, lowest |TD error| first, that counts as mastered"""
     cvae_lr: float = 1e-3
     """adaptive: C-VAE learning rate"""
-    recalibrate_every: int = 50
-    """adaptive: re-rank the elbo reference (the checkpoint's offline reservoir) every this many C-VAE steps"""
-    qoff_refresh_every: int = 50_000
-    """adaptive: copy the online critic into Q_off every this many environment steps"""
+    qoff_refresh_every: int = 0
+    """copy the online critic into Q_off every this many steps (0: never, Q_off stays frozen) [a reviewer's reading]"""
     offline_data_ratio: float = 0.0
-    """share of every batch drawn from the checkpoint's offline dataset (0: SAMG's 100% online data; 0.5: the
-    baseline that keeps the data, as RLPD's symmetric sampling); only this flag ever reads offline data online"""
+    """share of every batch drawn from the checkpoint's dataset (0: SAMG; 0.5: the baseline that keeps the data)"""
     eval_freq: int = 5000
     """evaluate the deterministic policy at step 0 and every this many steps"""
     eval_episodes: int = 10
     """episodes per evaluation"""
-    log_freq: int = 1000
-    """losses are averaged over, and written every, this many steps"""
     save_model: bool = False
-    """write {run_dir}/{run_name}/model.pt, reloadable like the offline checkpoint"""
-    capture_video: bool = False
-    """record the first episode of every evaluation to videos/{run_name}"""
-    track: bool = False
-    """log to Weights and Biases too"""
-    wandb_project_name: str = "samg"
-    """the wandb project"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
+    """write {run_dir}/{run_name}/model.pt, which loads like the offline checkpoint"""
     run_dir: str = "runs"
-    """TensorBoard logs and saved models go to {run_dir}/{run_name}"""
+    """each run writes its TensorBoard log (and model.pt) to a new directory {run_dir}/{run_name}"""
     compile: bool = False
-    """wrap the update functions in torch.compile"""
-    cudagraphs: bool = False
-    """on CUDA, compile the updates with CUDA graphs (torch.compile mode reduce-overhead)"""
+    """wrap the updates in torch.compile (on CUDA with CUDA graphs)"""
     cuda: bool = True
     """use CUDA when it is available"""
     threads: int = 0
-    """CPU threads of torch's operations (0: torch's default, one per core); 1 when other runs share the cores"""
+    """CPU threads of torch (0: one per core); 1 when other runs share the cores"""
 # --- end shared ---
 
 
@@ -168,14 +135,9 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 
 # --- shared: networks ---
 def mlp(dims, output_activation: Optional[nn.Module] = None) -> nn.Sequential:
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU(inplace=True))  # in place: one fresh activation buffer less per layer
-    if output_activation is not None:
-        layers.append(output_activation)
-    return nn.Sequential(*layers)
+    """Linear layers with ReLUs between them (in place: one activation buffer less per layer)."""
+    layers = [layer for d_in, d_out in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(d_in, d_out), nn.ReLU(True))]
+    return nn.Sequential(*layers[:-1], *([output_activation] if output_activation is not None else []))
 
 
 class VectorizedLinear(nn.Module):
@@ -260,8 +222,9 @@ def cvae_loss(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tens
     return F.mse_loss(recon, action) + 0.5 * kl
 
 
-def negative_elbo(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Per-sample negative ELBO, deterministic (decoded at z = mu): squared error + KL. Low = familiar."""
+def unfamiliarity(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative ELBO, deterministic (decoded at z = mu), summed squared error + KL: low = familiar. A
+    score to rank pairs by, not the training loss (cvae_loss averages over elements and halves the KL)."""
     mu, log_std = cvae.encode(obs, action)
     recon_error = (cvae.decode(obs, mu) - action).pow(2).sum(-1)
     kl = 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
@@ -275,198 +238,76 @@ def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tenso
     return torch.erfc(mu.abs() / math.sqrt(2.0)).mean(-1)
 
 
-def p_elbo(cvae: CVAE, neg_elbo_quantiles: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Share of offline samples whose negative ELBO is at least that of (s, a), from stored sorted quantiles."""
-    below = torch.searchsorted(neg_elbo_quantiles, negative_elbo(cvae, obs, action).contiguous())
-    return 1.0 - below.to(obs.dtype) / neg_elbo_quantiles.numel()
+def p_elbo(cvae: CVAE, reference: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Share of offline pairs at most as familiar as (s, a): `reference` holds the sorted unfamiliarity scores of
+    offline pairs (or quantiles of them)."""
+    below = torch.searchsorted(reference, unfamiliarity(cvae, obs, action).contiguous())
+    return 1.0 - below.to(obs.dtype) / reference.numel()
 # --- end shared ---
 
 
 # --- shared: SAMG target ---
-def samg_coefficient(coef_mode: str, p_estimator: str, p_threshold: float, cvae: CVAE,
-                     neg_elbo_reference: torch.Tensor, obs: torch.Tensor, actions: torch.Tensor,
-                     even_p: float = 0.5) -> torch.Tensor:
-    """p(s, a) in [0, 1]: how far a Bellman target trusts the frozen offline critic, from the pair (s, a)."""
-    batch = obs.shape[0]
-    if coef_mode == "none":
-        return obs.new_zeros(batch)
-    if coef_mode == "even":
-        return obs.new_full((batch,), even_p)
-    if coef_mode == "random":
-        return torch.rand(batch, device=obs.device)
-    if p_estimator == "latent":
-        p_vae = p_latent(cvae, obs, actions)
-    else:
-        p_vae = p_elbo(cvae, neg_elbo_reference, obs, actions)
-    return torch.where(p_vae >= p_threshold, p_vae, 0.0)  # hard threshold: unfamiliar pairs get no guidance
-
-
-class Guidance:
-    """What p needs beyond the batch: the C-VAE, the sorted negative ELBOs its elbo estimate is ranked against, and
-    the state of the fade. The reference is re-ranked on the checkpoint's reservoir of offline pairs whenever the
-    C-VAE learns, so a pair's p keeps meaning "as familiar as that share of the offline data" (the reservoir is
-    never used to train anything)."""
+class Coefficient:
+    """p(s, a) of --coef-mode. With cvae, p_vae from the C-VAE (--p-estimator), hard-thresholded at --p-threshold.
+    The elbo estimate ranks a pair among the checkpoint's reservoir of offline pairs, scored by the current C-VAE
+    (`rerank` after it learns), so p keeps meaning "as familiar as that share of the offline data". The reservoir
+    only ranks; nothing trains on it."""
 
     def __init__(self, args, cvae: CVAE, calibration: dict, device: torch.device):
-        self.coef_mode, self.p_estimator, self.p_threshold = args.coef_mode, args.p_estimator, args.p_threshold
-        self.even_p = args.even_p
-        self.p_at, self.p_fade, self.p_fade_steps = args.p_at, args.p_fade, args.p_fade_steps
-        self.cvae, self.reservoir = cvae, None
+        self.mode, self.estimator, self.threshold, self.even_p, self.cvae = (
+            args.coef_mode, args.p_estimator, args.p_threshold, args.even_p, cvae)
+        # an older checkpoint has no reservoir: quantiles fixed at pretraining (only a static C-VAE may use them)
+        self.reference, self.reservoir = calibration["neg_elbo_quantiles"].to(device), None
         if "reservoir_obs" in calibration:
             self.reservoir = (calibration["reservoir_obs"].to(device), calibration["reservoir_actions"].to(device))
-            self.neg_elbo_reference = torch.empty(len(self.reservoir[0]), device=device)
-            self.recalibrate()
-        else:  # an older checkpoint: the fixed offline calibration
-            self.neg_elbo_reference = calibration["neg_elbo_quantiles"].to(device)
-        self.recent_td_error = torch.full((), math.inf, device=device)  # running mean |TD error|; inf: none yet
-        self.scale = torch.ones((), device=device)  # the linear fade's factor (advance)
-        self.probe = torch.Generator(device=device).manual_seed(0)  # p_separation's actions, apart from training's
+            self.reference = torch.empty(len(self.reservoir[0]), device=device)
+            self.rerank()
 
     @torch.no_grad()
-    def recalibrate(self):
-        if self.reservoir is not None:
-            self.neg_elbo_reference.copy_(negative_elbo(self.cvae, *self.reservoir).sort().values)
+    def rerank(self):
+        self.reference.copy_(unfamiliarity(self.cvae, *self.reservoir).sort().values)
 
-    @torch.no_grad()
-    def observe(self, td_error: torch.Tensor):
-        mean = td_error.mean()
-        self.recent_td_error.copy_(torch.where(self.recent_td_error.isinf(), mean,
-                                               self.recent_td_error.lerp(mean, 0.01)))
+    def p_vae(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        if self.estimator == "latent":
+            return p_latent(self.cvae, obs, actions)
+        return p_elbo(self.cvae, self.reference, obs, actions)
 
-    def advance(self, step: int):
-        """--p-fade linear: p's factor falls from 1 at step 0 to 0 after --p-fade-steps steps."""
-        if self.p_fade == "linear":
-            self.scale.fill_(max(0.0, 1.0 - step / self.p_fade_steps))
-
-    def p(self, batch, next_actions, next_value_target, next_value_offline) -> torch.Tensor:
-        """p of each sample at the pair --p-at names (even, random and none do not depend on it), then faded.
-        `next_actions` are the actions at s' that p is taken at (see samg_target)."""
-        obs, actions, _, next_obs, _ = batch
-
-        def at(o, a):
-            return samg_coefficient(self.coef_mode, self.p_estimator, self.p_threshold, self.cvae,
-                                    self.neg_elbo_reference, o, a, self.even_p)
-
-        if self.coef_mode != "cvae" or self.p_at == "sample":
-            p = at(obs, actions)
-        elif self.p_at == "next":
-            p = at(next_obs, next_actions)
-        else:
-            p = at(obs, actions) * at(next_obs, next_actions)
-        if self.p_fade == "outgrown":  # the online critic has left Q_off behind by more than its own error
-            p = torch.where(next_value_target - next_value_offline > self.recent_td_error, 0.0, p)
-        elif self.p_fade == "linear":
-            p = p * self.scale
-        return p
+    def __call__(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return obs.new_zeros(obs.shape[0])
+        if self.mode == "even":
+            return obs.new_full((obs.shape[0],), self.even_p)
+        if self.mode == "random":
+            return torch.rand(obs.shape[0], device=obs.device)
+        p_vae = self.p_vae(obs, actions)
+        return torch.where(p_vae >= self.threshold, p_vae, 0.0)  # unfamiliar pairs get no guidance
 
 
-def guided_target(reward, done, gamma: float, next_value_target, next_value_offline, p):
-    """y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a')]; p = 0 is the base algorithm's target."""
-    return reward + gamma * (1.0 - done) * torch.lerp(next_value_target, next_value_offline, p)
+def guided_target(reward, done, gamma: float, next_value, next_value_offline, p):
+    """y = r + gamma (1 - done) [(1 - p) next_value + p next_value_offline]; p = 0 is the base algorithm's target."""
+    return reward + gamma * (1.0 - done) * torch.lerp(next_value, next_value_offline, p)
 
 
-SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/intrinsic", "samg/qoff_values", "samg/qbar_values",
+SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/target_shift", "samg/qoff_values", "samg/qbar_values",
                 "samg/qoff_above_frac")
 
 
-def samg_target(batch, next_actions, next_bonus, critic_target: nn.Module, q_offline: nn.Module,
-                guidance: Guidance, gamma: float, diagnose: bool, p_actions: Optional[torch.Tensor] = None):
-    """The SAMG target from a' (and the base algorithm's bonus at s', e.g. SAC's entropy, kept whole by the mix).
-    p at the next pair is taken at `p_actions` when given (TD3's --p-next-action deterministic), else at a'.
-    Returns the target, p and the SAMG_METRICS; with coef-mode none Q_off is evaluated only when `diagnose`
-    asks for the metrics (p = 0 makes it irrelevant to the target), and the metrics are None otherwise."""
-    _, _, rewards, next_obs, dones = batch
-    next_value_target = critic_target(next_obs, next_actions).min(0).values
-    if guidance.coef_mode == "none" and not diagnose:
-        p, next_value = torch.zeros_like(rewards), next_value_target + next_bonus
-        return guided_target(rewards, dones, gamma, next_value, next_value, p), p, None
-    next_value_offline = q_offline(next_obs, next_actions).min(0).values
-    p = guidance.p(batch, next_actions if p_actions is None else p_actions, next_value_target, next_value_offline)
-    target = guided_target(rewards, dones, gamma, next_value_target + next_bonus, next_value_offline + next_bonus, p)
-    intrinsic = gamma * p * (next_value_offline - next_value_target)
-    metrics = torch.stack([p.mean(), (p > 0).float().mean(), intrinsic.mean(), next_value_offline.mean(),
-                           next_value_target.mean(), (next_value_offline > next_value_target).float().mean()])
-    return target, p, metrics
+def samg_metrics(p, done, gamma: float, next_value, next_value_offline) -> torch.Tensor:
+    """The SAMG_METRICS of a batch; target_shift is how far p moved the targets: gamma (1 - d) p (Q_off - Qbar)."""
+    shift = gamma * (1.0 - done) * p * (next_value_offline - next_value)
+    return torch.stack([p.mean(), (p > 0).float().mean(), shift.mean(), next_value_offline.mean(), next_value.mean(),
+                        (next_value_offline > next_value).float().mean()])
 
 
 def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
-    """Adaptive p: the C-VAE keeps learning on the pairs the online critic fits best ("mastered"), so p grows
-    where the agent has learned. A fixed-size top-k keeps the update free of host synchronisation."""
+    """Adaptive p: one ELBO step of the C-VAE on the batch's pairs that the online critic fits best ("mastered"), so
+    p grows where the agent has learned. A fixed-size top-k keeps it free of host synchronisation."""
     mastered = td_error.topk(max(1, int(mastered_quantile * td_error.numel())), largest=False).indices
     loss = cvae_loss(cvae, obs[mastered], actions[mastered])
     cvae_optimizer.zero_grad()
     loss.backward()
     cvae_optimizer.step()
     return loss.detach().reshape(1)
-# --- end shared ---
-
-
-# --- shared: critics, replay and the critic step ---
-def build_critics(checkpoint: dict, num_critics: Optional[int], path: str, device: torch.device):
-    """Online critic, its target and the frozen offline critic Q_off (the same module type), all loaded from the
-    checkpoint; with more members than the checkpoint has, the checkpoint's members are repeated in turn."""
-    state = checkpoint["critic"]
-    num_critics = num_critics or next(iter(state.values())).shape[0]
-    state = {name: weight[torch.arange(num_critics) % weight.shape[0]] for name, weight in state.items()}
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    critic, critic_target, q_offline = (
-        load_weights(CriticEnsemble(obs_dim, act_dim, hidden_dims, num_critics), state, "critic", path).to(device)
-        for _ in range(3)
-    )
-    return critic, critic_target.requires_grad_(False), q_offline.requires_grad_(False)
-
-
-class ReplayBuffer:
-    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
-        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
-        self.size, self.position = 0, 0
-
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
-        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
-        self.rows[self.position] = torch.from_numpy(row)
-        self.position = (self.position + 1) % len(self.rows)
-        self.size = min(self.size + 1, len(self.rows))
-
-    def sample(self, batch_size: int):
-        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement."""
-        index = torch.randint(self.size, (batch_size,), device=self.rows.device)
-        obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, dim=-1)
-        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
-
-
-def sample_batch(replay: ReplayBuffer, offline: Optional[ReplayBuffer], batch_size: int, offline_ratio: float):
-    """The online replay's batch; with --offline-data-ratio, that share of it comes from the offline data instead
-    (symmetric sampling, as RLPD does)."""
-    if offline is None:
-        return replay.sample(batch_size)
-    num_offline = round(offline_ratio * batch_size)
-    return tuple(torch.cat(parts) for parts in zip(replay.sample(batch_size - num_offline),
-                                                   offline.sample(num_offline)))
-
-
-CRITIC_METRICS = ("losses/qf_loss", "losses/qf_values")
-
-
-def critic_step(critic: CriticEnsemble, critic_optimizer, obs, actions, target):
-    """One step on the members' summed MSE. Returns the CRITIC_METRICS as one device tensor (read only at log
-    steps; the loss is the mean over members, as CleanRL logs it) and each sample's |TD error| (mean over
-    members) for the adaptive C-VAE."""
-    q_values = critic(obs, actions)
-    qf_loss = (q_values - target).pow(2).mean(1).sum()
-    critic_optimizer.zero_grad()
-    qf_loss.backward()
-    critic_optimizer.step()
-    q_values = q_values.detach()
-    metrics = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
-    return metrics, (q_values - target).abs().mean(0)
-
-
-@torch.no_grad()
-def soft_update(target_params: list, online_params: list, tau: float):
-    torch._foreach_lerp_(target_params, online_params, tau)
 # --- end shared ---
 
 
@@ -497,34 +338,71 @@ def advantage_weighted_regression(actor: nn.Module, obs, actions, advantage, bet
 # --- end shared ---
 
 
-class ValueAsCritic(nn.Module):
-    """V(s) where the shared SAMG code expects a critic ensemble Q(s, a) -> [N, B]: one member, the action ignored."""
+# --- shared: replay ---
+class ReplayBuffer:
+    """Transitions preallocated on the training device; one row holds [s, a, r, s', done]."""
 
-    def __init__(self, value: StateValue):
-        super().__init__()
-        self.value = value
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.rows = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
+        self.widths = (obs_dim, act_dim, 1, obs_dim, 1)
+        self.size, self.position = 0, 0
 
-    def forward(self, obs: torch.Tensor, actions: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.value(obs)[None]
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool):
+        row = np.concatenate([obs, action, [reward], next_obs, [float(done)]]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row)
+        self.position = (self.position + 1) % len(self.rows)
+        self.size = min(self.size + 1, len(self.rows))
+
+    def sample(self, batch_size: int, offline: Optional["ReplayBuffer"] = None, offline_ratio: float = 0.0):
+        """(obs, actions, rewards, next_obs, dones), drawn uniformly with replacement; with an `offline` buffer,
+        `offline_ratio` of the batch comes from it (symmetric sampling, as RLPD does)."""
+        num_offline = round(offline_ratio * batch_size) if offline is not None else 0
+        rows = self.rows[torch.randint(self.size, (batch_size - num_offline,), device=self.rows.device)]
+        if num_offline:
+            rows = torch.cat([rows, offline.rows[torch.randint(offline.size, (num_offline,), device=rows.device)]])
+        obs, actions, rewards, next_obs, dones = rows.split(self.widths, dim=-1)
+        return obs, actions, rewards.squeeze(-1), next_obs, dones.squeeze(-1)
 
 
-def iql_target(batch, actor: GaussianActor, value: ValueAsCritic, value_offline: ValueAsCritic, guidance: Guidance,
-               gamma: float, diagnose: bool):
-    """IQL's target r + gamma V(s') with SAMG's mix on the state value: y = r + gamma (1 - d) [(1 - p) V(s') +
-    p V_off(s')]; samg_metrics' qbar/qoff values are then V(s') and V_off(s'). a' ~ pi(s') is drawn only to find
-    the pair p is evaluated at (--p-at next or both); no value of an action is computed at s'."""
-    needs_next_action = guidance.coef_mode == "cvae" and guidance.p_at != "sample"
-    next_actions = actor.act(batch[3], deterministic=False) if needs_next_action else None
-    return samg_target(batch, next_actions, 0.0, value, value_offline, guidance, gamma, diagnose)
+def observation_normalizer(checkpoint: dict):
+    """flatten_obs, then the offline dataset's mean and std from the checkpoint: the networks' input scale."""
+    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
+    return lambda obs: ((flatten_obs(obs) - mean) / std).astype(np.float32)
 
 
-def update_critic(batch, actor, critic, value, value_offline, guidance, critic_optimizer, gamma: float,
+@torch.no_grad()
+def soft_update(target_params: list, online_params: list, tau: float):
+    torch._foreach_lerp_(target_params, online_params, tau)
+# --- end shared ---
+
+
+def update_critic(batch, actor, critic, value, value_offline, coefficient: Coefficient, critic_optimizer, args: Args,
                   diagnose: bool):
+    """IQL's critic step on r + gamma V(s') with SAMG's mix on the state value (the SAMG_METRICS' qbar and qoff
+    values are V(s') and V_off(s')). a' ~ pi(s') is drawn only to find the pair p is taken at; no Q at s' is used."""
+    obs, actions, rewards, next_obs, dones = batch
     with torch.no_grad():
-        target, p, samg_metrics = iql_target(batch, actor, value, value_offline, guidance, gamma, diagnose)
-    metrics, td_error = critic_step(critic, critic_optimizer, batch[0], batch[1], target)
-    guidance.observe(td_error)
-    return metrics, samg_metrics, td_error, p
+        at_next = args.coef_mode == "cvae" and args.p_at == "next"
+        next_actions = actor.act(next_obs, deterministic=False) if at_next else None
+        next_value = value(next_obs)
+        guided, metrics = args.coef_mode != "none", None
+        next_value_offline = value_offline(next_obs) if guided or diagnose else next_value
+        p = coefficient(next_obs, next_actions) if at_next else coefficient(obs, actions)
+        target = guided_target(rewards, dones, args.gamma, next_value, next_value_offline, p)
+        if guided or diagnose:
+            metrics = samg_metrics(p, dones, args.gamma, next_value, next_value_offline)
+    q_values = critic(obs, actions)
+    qf_loss = (q_values - target).pow(2).mean(1).sum()  # each critic's own MSE
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    q_values = q_values.detach()
+    losses = torch.stack([qf_loss.detach() / critic.num_critics, q_values.mean()])
+    return losses, metrics, (q_values - target).abs().mean(0), p
+
+
+CRITIC_METRICS, ACTOR_METRICS, VALUE_METRICS = (("losses/qf_loss", "losses/qf_values"), ("losses/actor_loss",),
+                                                ("losses/value_loss",))
 
 
 def update_value(obs, actions, critic_target, value, value_optimizer, expectile: float):
@@ -549,426 +427,398 @@ def update_actor(obs, actions, advantage, actor, actor_optimizer, beta: float, m
     return actor_loss.detach().reshape(1)
 
 
-ACTOR_METRICS, VALUE_METRICS = ("losses/actor_loss",), ("losses/value_loss",)
-
-
-def loaded_values(checkpoint: dict, path: str, device: torch.device):
-    """The online value V and the frozen offline value V_off, both loaded from the checkpoint's `value`."""
-    value, value_offline = (load_weights(StateValue(checkpoint["obs_dim"], checkpoint["hidden_dims"]),
-                                         checkpoint["value"], "value network", path).to(device) for _ in range(2))
-    return value, value_offline.requires_grad_(False)
-
-
 def main(args: Args):
-    checkpoint, checkpoint_path = read_checked_checkpoint(args)
-    env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed, checkpoint_path)
-    run_name, writer, eval_env = start_run(args, checkpoint, checkpoint_path)
+    checkpoint, path = read_checkpoint(args, OFFLINE_ALGO)
+    env, eval_env = make_checked_env(checkpoint, args.seed, path), make_checked_env(checkpoint, args.seed + 10_000, path)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    obs_dim, act_dim, hidden_dims = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
-    actor = load_weights(GaussianActor(obs_dim, act_dim, hidden_dims), checkpoint["actor"], "actor",
-                         checkpoint_path).to(device)
-    critic, critic_target, _ = build_critics(checkpoint, args.num_critics, checkpoint_path, device)  # no Q_off: V_off
-    value, value_offline = loaded_values(checkpoint, checkpoint_path, device)
-    value_as_critic, value_offline_as_critic = ValueAsCritic(value), ValueAsCritic(value_offline)
-    cvae = load_weights(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden_dims), checkpoint["cvae"], "C-VAE",
-                        checkpoint_path).to(device)
-    guidance = Guidance(args, cvae, checkpoint["cvae_calibration"], device)
+    obs_dim, act_dim, hidden = checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]
+    actor = load_weights(GaussianActor(obs_dim, act_dim, hidden), checkpoint, "actor", path, device)
+    num_critics = len(checkpoint["critic"]["net.0.weight"])
+    critic, critic_target = (load_weights(CriticEnsemble(obs_dim, act_dim, hidden, num_critics), checkpoint, "critic",
+                                          path, device) for _ in range(2))
+    # the online value starts from the offline one; V_off is a copy of it, frozen, that plays Q_off's part
+    value, value_offline = (load_weights(StateValue(obs_dim, hidden), checkpoint, "value", path, device)
+                            for _ in range(2))
+    cvae = load_weights(CVAE(obs_dim, act_dim, checkpoint["latent_dim"], hidden), checkpoint, "cvae", path, device)
+    coefficient = Coefficient(args, cvae, checkpoint["cvae_calibration"], device)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
     value_optimizer = torch.optim.Adam(value.parameters(), lr=args.critic_lr, fused=True)  # as offline
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
     cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=args.cvae_lr, fused=True)
     critic_update, value_update, actor_update, cvae_update = compiled(args, update_critic, update_value, update_actor,
-                                                                            update_cvae_on_mastered)
-    target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+                                                                      update_cvae_on_mastered)
+    target_params, online_params = list(critic_target.requires_grad_(False).parameters()), list(critic.parameters())
+    value_offline.requires_grad_(False)
+    learn_cvae = args.adaptive and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae mode
+    refresh_v_offline = args.qoff_refresh_every > 0 and args.coef_mode != "none"
 
     replay = ReplayBuffer(args.total_timesteps, obs_dim, act_dim, device)
-    offline = offline_replay(args, checkpoint, device)
+    offline = offline_replay(checkpoint, device) if args.offline_data_ratio > 0 else None
     normalize = observation_normalizer(checkpoint)
     low, high = env.action_space.low, env.action_space.high
-    episodes = EpisodeLog(writer, isinstance(env.observation_space, gym.spaces.Dict))
-    critic_metrics, actor_metrics, value_metrics = map(MetricMeans, (CRITIC_METRICS, ACTOR_METRICS, VALUE_METRICS))
-    samg_metrics, cvae_metrics = MetricMeans(SAMG_METRICS), MetricMeans(("samg/cvae_loss",))
-    learn_cvae = args.adaptive and args.cvae_learning and args.coef_mode == "cvae"  # the C-VAE only gives p in cvae
-    refresh_v_offline = args.adaptive and args.qoff_refresh and args.coef_mode != "none"
-
-    progress, global_step, num_updates, score, status = Progress(args.total_timesteps), 0, 0, float("nan"), 0
+    run, global_step, num_updates = Run(args, checkpoint, path), 0, 0
     try:
-        score = offline_score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, step=0)
-        print(f"{run_name}: the offline policy scores {score:.1f}", flush=True)
+        run.evaluate(actor, eval_env, device, step=0)
         obs = normalize(env.reset(seed=args.seed)[0])
         for global_step in range(1, args.total_timesteps + 1):
             with torch.no_grad():  # the pretrained policy explores from the first step on
                 action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=False)[0].cpu().numpy()
             raw_next_obs, reward, terminated, truncated, info = env.step(to_env_action(action, low, high))
             next_obs = normalize(raw_next_obs)
-            # done = terminated only: a time limit never stops bootstrapping
-            training_reward = reward * checkpoint["reward_scale"] + checkpoint["reward_bias"]
-            replay.add(obs, action, training_reward, next_obs, terminated)
-            episodes.step(reward, info, terminated or truncated, global_step)
+            # the training reward is transformed as the offline data was; a time limit never stops bootstrapping
+            replay.add(obs, action, reward * checkpoint["reward_scale"] + checkpoint["reward_bias"], next_obs,
+                       terminated)
+            run.step(float(reward), info, terminated or truncated, global_step)
             obs = normalize(env.reset()[0]) if terminated or truncated else next_obs
-            log_step = global_step % args.log_freq == 0 or global_step == args.total_timesteps
+            log_step = global_step % 1000 == 0 or global_step == args.total_timesteps
 
             if global_step > args.learning_starts:
-                guidance.advance(global_step)
-                for _ in range(args.utd):
-                    batch = sample_batch(replay, offline, args.batch_size, args.offline_data_ratio)
-                    # IQL's order: the critics' target uses V before its step, the actor the advantage before it
-                    metrics, samg, td_error, p = critic_update(batch, actor, critic, value_as_critic,
-                                                               value_offline_as_critic, guidance, critic_optimizer,
-                                                               args.gamma, diagnose=log_step)
-                    critic_metrics.add(metrics)
-                    samg_metrics.add(samg)
-                    if learn_cvae and num_updates % args.cvae_update_every == 0:
-                        cvae_metrics.add(cvae_update(cvae, cvae_optimizer, batch[0], batch[1], td_error,
-                                                     args.mastered_quantile))
-                        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
-                            guidance.recalibrate()
-                    value_loss, advantage = value_update(batch[0], batch[1], critic_target, value, value_optimizer,
-                                                         args.iql_expectile)
-                    value_metrics.add(value_loss)
-                    actor_metrics.add(actor_update(batch[0], batch[1], advantage, actor, actor_optimizer,
-                                                   args.iql_beta, args.iql_max_weight))
-                    soft_update(target_params, online_params, args.tau)
-                    num_updates += 1
+                batch = replay.sample(args.batch_size, offline, args.offline_data_ratio)
+                # IQL's order: the critics' target uses V before its step, the actor the advantage before it
+                losses, samg, td_error, p = critic_update(batch, actor, critic, value, value_offline, coefficient,
+                                                          critic_optimizer, args, diagnose=log_step)
+                run.add(CRITIC_METRICS, losses)
+                run.add(SAMG_METRICS, samg)
+                if learn_cvae:
+                    run.add(("samg/cvae_loss",), cvae_update(cvae, cvae_optimizer, batch[0], batch[1], td_error,
+                                                             args.mastered_quantile))
+                    if (num_updates + 1) % 50 == 0:  # the C-VAE has moved: re-rank p's reference with it
+                        coefficient.rerank()
+                value_loss, advantage = value_update(batch[0], batch[1], critic_target, value, value_optimizer,
+                                                     args.iql_expectile)
+                run.add(VALUE_METRICS, value_loss)
+                run.add(ACTOR_METRICS, actor_update(batch[0], batch[1], advantage, actor, actor_optimizer,
+                                                    args.iql_beta, args.iql_max_weight))
+                soft_update(target_params, online_params, args.tau)
+                num_updates += 1
                 if log_step and args.coef_mode != "none":
-                    log_p(writer, guidance, p, batch[0], global_step)
-            if refresh_v_offline and global_step % args.qoff_refresh_every == 0:  # the refresh of Q_off, on V
-                value_offline.load_state_dict(value.state_dict())
-
+                    run.log_p(coefficient, p, batch[0], global_step)
+            if refresh_v_offline and global_step % args.qoff_refresh_every == 0:
+                value_offline.load_state_dict(value.state_dict())  # the refresh of Q_off, on V
             if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
-                score = log_evaluation(writer, actor, eval_env, checkpoint, args, device, global_step)
+                run.evaluate(actor, eval_env, device, global_step)
             if log_step:
-                log_progress(writer, (critic_metrics, value_metrics, actor_metrics, samg_metrics, cvae_metrics),
-                             global_step, progress, score)
-    except (KeyboardInterrupt, OSError) as exc:  # Ctrl-C, SIGTERM, SIGHUP; or a disk that filled up
-        status = stopped_early(exc, global_step, args.save_model)
-    if args.save_model:
-        save_model(args, run_name, checkpoint, global_step, score,
-                   dict(actor=actor, critic=critic, value=value, cvae=cvae))
-    close_all(env, eval_env, writer)
-    if status:
-        raise SystemExit(status)
-    print(f"normalized score: offline {offline_score:.1f} -> online {score:.1f} after {global_step} steps")
+                run.log(global_step)
+    except (KeyboardInterrupt, OSError, FloatingPointError) as stop:  # a signal, a full disk, diverged losses
+        run.stopped(stop, global_step)
+    run.finish(global_step, dict(actor=actor, critic=critic, value=value, cvae=cvae), env, eval_env)
 
 
 # ======================================================================================================================
-# The algorithm ends here. Nothing below changes what is learned: the checks of flags and checkpoints, the checkpoint
-# and model files, the offline dataset (read only for --offline-data-ratio), run logs, progress and interrupts.
+# The algorithm ends here. Nothing below changes what is learned: checks of flags and of the checkpoint, the offline
+# data of --offline-data-ratio, evaluation, the run's directory, logs, progress, interrupts and model.pt.
 # ======================================================================================================================
 
 
-# --- shared: checks, logs and progress ---
+# --- shared: online run ---
 def fail(message: str):
     """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
     raise SystemExit(f"error: {message}")
 
 
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def use_threads(threads: int):
-    """--threads: 0 keeps torch's default (one thread per core; with another busy process on a small machine every
-    operation then waits for a core to be free); otherwise exactly that many."""
-    if threads < 0:
-        fail(f"--threads is {threads} but must be 0 (torch's default) or more")
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def check_numbers(args, positive=(), non_negative=(), unit_interval=()):
-    """Numeric flags are checked where they enter, before any work: one sentence names the flag and its range. A
-    seed must also be below 2**31, so that it and the seeds derived from it (seed + 30,000) suit NumPy and Gymnasium."""
-    if "seed" in non_negative and getattr(args, "seed", 0) >= 2**31:
-        fail(f"--seed is {args.seed} but must be below 2**31 ({2**31})")
-    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "zero or more"),
-             (unit_interval, lambda v: 0 <= v <= 1, "in [0, 1]"))
-    for fields, allowed, what in rules:
-        for field in fields:
-            value = getattr(args, field)
-            values = list(value) if isinstance(value, (tuple, list)) else [value]
-            if value is not None and not (values and all(math.isfinite(v) and allowed(v) for v in values)):
-                fail(f"{flag(field)} is {value} but must be {what}" + (" (each value)" if len(values) > 1 else ""))
-
-
-def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
-    """Finds out before any training or collection whether outputs can be written to `directory` (made if missing):
-    a megabyte is written and flushed to disk, and `needed_bytes` must be free there, so that a read-only, blocked or
-    full place costs a one-line error instead of the finished work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory) as probe:
-            probe.write(bytes(1 << 20))
-            probe.flush()
-            os.fsync(probe.fileno())
-        free = shutil.disk_usage(directory).free
-    except OSError as exc:
-        fail(f"cannot write to {directory} ({exc.strerror or type(exc).__name__}); choose another place with {flag_name}")
-    if free < needed_bytes:
-        fail(f"{directory} has {free / 2**20:.0f} MiB free but this run writes about {needed_bytes / 2**20:.0f} MiB "
-             f"there; free some space or choose another place with {flag_name}")
-
-
-STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
-
-
-def stop_as_on_ctrl_c(number, frame):
-    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
-    STOPPED_BY[0] = number
-    raise KeyboardInterrupt
-
-
-def handle_interrupts():
-    """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
-    sys.excepthook = exit_quietly_on_interrupt
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, stop_as_on_ctrl_c)
-    # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
-    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
-
-
-def interrupted_status() -> int:
-    return 128 + STOPPED_BY[0]
-
-
-def exit_quietly_on_interrupt(exc_type, exc, traceback):
-    """sys.excepthook: an interrupt anywhere ends with one line and exit status 128 + signal, not a traceback."""
-    if issubclass(exc_type, KeyboardInterrupt):
-        by = "" if STOPPED_BY[0] == signal.SIGINT else f" ({signal.Signals(STOPPED_BY[0]).name})"
-        print(f"interrupted{by}; nothing half-written was left behind", file=sys.stderr, flush=True)
-        raise SystemExit(interrupted_status())
-    sys.__excepthook__(exc_type, exc, traceback)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
-
-
-def remove_dead_leftovers(directory: str, pattern: re.Pattern):
-    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
-    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        match = pattern.fullmatch(name)
-        if match and not process_alive(int(match["pid"])):
-            path = os.path.join(directory, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
-    writer = SummaryWriter(os.path.join(args.run_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-    return writer
-
-
-def duration(seconds: float) -> str:
-    """h:mm:ss, with days in front when it is that long ("2d 03:04:05")."""
-    seconds = int(seconds) if math.isfinite(seconds) else 0
-    days, seconds = divmod(seconds, 86_400)
-    clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
-    return f"{days}d {clock}" if days else clock
-
-
-class Progress:
-    """One progress line, `step 500/3000  SPS 120  ETA 00:00:20  ...`, at most every `every` seconds (or when
-    forced). SPS is the rate since the previous line, not since the start, which a fast warm-up would inflate."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.last_time, self.last_step = time.time(), 0
-
-    def update(self, step: int, extra: str = "", force: bool = False) -> Optional[float]:
-        """Prints if it is time and returns the recent steps per second, else returns None."""
-        now = time.time()
-        if not (force or step == self.total or now - self.last_time >= self.every):
-            return None
-        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = duration((self.total - step) / sps) if sps > 0 else "?"
-        print(f"step {step}/{self.total}  SPS {sps:.0f}  ETA {eta}" + (f"  {extra}" if extra else ""), flush=True)
-        self.last_time, self.last_step = now, step
-        return sps
-# --- end shared ---
-
-
-# --- shared: checkpoint I/O ---
-CHECKPOINT_FORMAT = "samg-offline-1"
-CHECKPOINT_KEYS = (
-    "format", "algo", "env_id", "dataset_id", "gym_id", "gym_kwargs", "obs_dim", "act_dim", "action_low",
-    "action_high", "obs_mean", "obs_std", "reward_scale", "reward_bias", "ref_min_score", "ref_max_score",
-    "hidden_dims", "latent_dim", "actor", "critic", "cvae", "cvae_calibration", "offline_normalized_score", "args",
+FLAG_RANGES = (  # the numeric flags of the four online scripts (a flag a script lacks is skipped) and their ranges
+    ("positive", lambda v: v > 0, ("total_timesteps", "batch_size", "critic_lr", "actor_lr", "cvae_lr", "eval_freq",
+                                   "eval_episodes", "policy_freq", "alpha_lr", "awac_lambda", "awac_max_weight",
+                                   "iql_beta", "iql_max_weight")),
+    ("zero or more", lambda v: v >= 0, ("learning_starts", "qoff_refresh_every", "exploration_noise", "policy_noise")),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, ("gamma", "tau", "even_p", "p_threshold")),
+    ("in (0, 1]", lambda v: 0 < v <= 1, ("mastered_quantile",)), ("in [0, 1)", lambda v: 0 <= v < 1,
+                                                                   ("offline_data_ratio",)),
+    ("strictly between 0 and 1", lambda v: 0 < v < 1, ("iql_expectile",)),
+    ("in [0, 2**31)", lambda v: 0 <= v < 2**31, ("seed",)),
+    (f"from 0 to the {os.cpu_count()} cores of this machine", lambda v: 0 <= v <= (os.cpu_count() or 1), ("threads",)),
 )
 
 
-STAGED_CHECKPOINT = re.compile(r".+\.tmp-(?P<pid>\d+)")  # save_checkpoint's temporary files, by writer
+def check_flags(args):
+    for what, allowed, fields in FLAG_RANGES:
+        for field, value in ((f, getattr(args, f)) for f in fields if getattr(args, f, None) is not None):
+            if not (math.isfinite(value) and allowed(value)):
+                fail(f"--{field.replace('_', '-')} is {value} but must be {what}")
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts is {args.learning_starts} but must be below --total-timesteps, or nothing is learned")
 
 
-def save_checkpoint(payload: dict, path: str, replace: bool = False):
-    """Writes to a temporary file beside `path` and moves it into place in one step, so an interrupted run never
-    leaves half a file (and the temporary files of killed writers are removed here). Without `replace` the move
-    refuses a file that appeared meanwhile (a hard link does not replace): of two runs writing one checkpoint, the
-    second is refused with one sentence and its file is kept aside, named in the sentence."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    remove_dead_leftovers(os.path.dirname(path) or ".", STAGED_CHECKPOINT)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(payload, tmp_path)
-        if replace:
-            os.replace(tmp_path, path)
-        elif not move_unless_there(tmp_path, path):
-            aside = f"{path[:-len('.pt')] if path.endswith('.pt') else path}.kept-{os.getpid()}.pt"
-            os.replace(tmp_path, aside)
-            fail(f"{path} was written by another run while this one worked; this run's result is kept as {aside} "
-                 "(move it over the other to use it)")
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+def numbers(value, *shape) -> bool:
+    """Whether `value` holds finite numbers of this shape (-1: any size)."""
+    value = torch.as_tensor(value, dtype=torch.float32) if isinstance(value, (int, float, list, torch.Tensor)) else None
+    return (value is not None and value.dim() == len(shape) and bool(torch.isfinite(value).all())
+            and all(s in (-1, n) for s, n in zip(shape, value.shape)))
 
 
-def move_unless_there(source: str, target: str) -> bool:
-    """Puts `source` at `target` unless a file is there, in one step (a hard link never replaces); False if one is."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        return False
-    except OSError:  # a file system without hard links: there the check and the move are two steps
-        if os.path.exists(target):
-            return False
-        os.replace(source, target)
-    return True
+CHECKPOINT_FIELDS = (  # (key, test of the checkpoint c, what the key must be), in this order
+    ("obs_dim", lambda c: all(isinstance(c[k], int) and c[k] > 0 for k in ("obs_dim", "act_dim", "latent_dim")),
+     "a positive integer, as act_dim and latent_dim"),
+    ("hidden_dims", lambda c: c["hidden_dims"] and all(isinstance(h, int) and h > 0 for h in c["hidden_dims"]),
+     "a list of positive integers"),
+    ("obs_std", lambda c: numbers(c["obs_mean"], c["obs_dim"]) and numbers(c["obs_std"], c["obs_dim"])
+     and min(c["obs_std"]) > 0, "obs_dim positive numbers, beside obs_mean's finite ones"),
+    ("action_low", lambda c: numbers(c["action_low"], c["act_dim"]) and numbers(c["action_high"], c["act_dim"])
+     and all(lo < hi for lo, hi in zip(c["action_low"], c["action_high"])), "act_dim numbers below action_high"),
+    ("ref_min_score", lambda c: c["ref_min_score"] != c["ref_max_score"] and all(numbers(c[k]) for k in (
+        "ref_min_score", "ref_max_score", "reward_scale", "reward_bias")), "a number, other than ref_max_score"),
+    ("critic", lambda c: all(isinstance(c[k], dict) for k in ("actor", "critic", "cvae", "cvae_calibration"))
+     and numbers(c["critic"]["net.0.weight"], -1, -1, -1), "a state dict, as actor, cvae and cvae_calibration"),
+    ("cvae_calibration", lambda c: numbers(c["cvae_calibration"]["neg_elbo_quantiles"], -1) and (
+        "reservoir_obs" not in c["cvae_calibration"] or numbers(c["cvae_calibration"]["reservoir_obs"], -1, c["obs_dim"])
+        and numbers(c["cvae_calibration"]["reservoir_actions"], -1, c["act_dim"])), "quantiles and offline pairs"),
+    ("log_alpha", lambda c: c["algo"] != "cql" or numbers(torch.as_tensor(c["log_alpha"]).reshape(-1), 1),
+     "a number (cql)"),
+    ("value", lambda c: c["algo"] != "iql" or isinstance(c["value"], dict), "a state dict (iql)"),
+)
 
 
-def save_or_rescue(payload: dict, path: str, replace: bool, rescue_dirs) -> str:
-    """save_checkpoint; where that fails (a full disk, a place gone read-only), the payload goes to the first of
-    `rescue_dirs` that takes it and the run stops with one sentence saying where, so finished work is never lost."""
-    try:
-        save_checkpoint(payload, path, replace)
-        return path
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
-                reason = "No space left on device"
-    for directory in dict.fromkeys(rescue_dirs):
-        rescue = os.path.abspath(os.path.join(directory, f"rescued-{os.getpid()}-{os.path.basename(path)}"))
-        try:
-            save_checkpoint(payload, rescue, replace=True)
-        except (OSError, RuntimeError):
-            continue
-        fail(f"could not write {path} ({reason}); the trained networks are saved as {rescue} instead: move it to "
-             f"{path} once there is room")
-    fail(f"could not write {path} ({reason}) nor into any of {', '.join(rescue_dirs)}; the trained networks are "
-         "lost: free some space and run again")
-
-
-def checkpoint_bytes(networks, extra_values: int = 0) -> int:
-    """About how large a checkpoint of these networks (and `extra_values` other numbers) is on disk: 4 bytes a
-    float32 value, and room for the pickled structure."""
-    values = sum(p.numel() for network in networks for p in network.state_dict().values()) + extra_values
-    return 4 * values + (1 << 20)
-
-
-def read_checkpoint(path: str, algo: str) -> dict:
-    """Loads a checkpoint with weights_only=True and checks its format and algorithm."""
+def read_checkpoint(args, algo: str):
+    """Checks the flags, then loads the offline checkpoint (weights_only) and checks what the script needs of it."""
+    check_flags(args)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; make it with "
+             f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); run pretrain_offline.py again to rewrite it")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        fail(f"{path} has format {found!r}, not {CHECKPOINT_FORMAT!r}; rewrite it with pretrain_offline.py")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        fail(f"{path} lacks {', '.join(missing)}; rewrite it with pretrain_offline.py")
-    if checkpoint["algo"] != algo:
-        fail(f"{path} holds a {checkpoint['algo']} checkpoint but this script needs {algo}; "
-             f"pretrain with `python pretrain_offline.py --algo {algo} --env-id {checkpoint['env_id']}`")
-    check_checkpoint_fields(checkpoint, path)
-    return checkpoint
+        fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); write it again with pretrain_offline.py")
+    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != algo:
+        fail(f"{path} is not a {algo} checkpoint; make one with "
+             f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
+    for key, test, what in CHECKPOINT_FIELDS:
+        with contextlib.suppress(Exception):  # a missing key, a list where a dict belongs: not passed
+            if test(checkpoint):
+                continue
+        fail(f"{path} has a bad or missing {key} (it must be {what}); write it again with pretrain_offline.py")
+    if args.coef_mode == "cvae" and args.adaptive and "reservoir_obs" not in checkpoint["cvae_calibration"]:
+        fail(f"{path} has no reservoir of offline pairs to rank an adaptive C-VAE's p against; pass --no-adaptive "
+             "or pretrain again")
+    recorded = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    for field in (f for f in ("awac_lambda", "iql_expectile", "iql_beta") if getattr(args, f, 0) is None):
+        setattr(args, field, recorded.get(field))  # by default the value it was pretrained with
+        if not isinstance(getattr(args, field), (int, float)):
+            fail(f"{path} records no {field}; pass --{field.replace('_', '-')}")
+    check_flags(args)
+    return checkpoint, path
 
 
-# the numeric fields besides the weights: (field, shape, rule); a shape names sizes the checkpoint states, or sizes
-# bound where first seen (the quantiles' and the reservoir's lengths); "one" is a single number
-CHECKPOINT_NUMBERS = (
-    ("obs_mean", ("obs_dim",), "finite"), ("obs_std", ("obs_dim",), "positive"), ("action_low", ("act_dim",), "finite"),
-    ("action_high", ("act_dim",), "finite"), ("reward_scale", (), "finite"), ("reward_bias", (), "finite"),
-    ("ref_min_score", (), "finite"), ("ref_max_score", (), "finite"), ("log_alpha", "one", "finite"),
-    ("neg_elbo_quantiles", ("quantiles",), "sorted"), ("reservoir_obs", ("reservoir", "obs_dim"), "finite"),
-    ("reservoir_actions", ("reservoir", "act_dim"), "finite"),
-)
-
-
-def check_checkpoint_fields(checkpoint: dict, path: str):
-    """Every field besides the weights is checked for type, shape and finiteness (CHECKPOINT_NUMBERS), so a damaged
-    or hand-edited checkpoint is one sentence here instead of a traceback or silent nan later."""
-    def bad(key: str, what: str):
-        fail(f"{path} has a bad {key} ({what}); rewrite it with pretrain_offline.py")
-
-    for key in ("obs_dim", "act_dim", "latent_dim"):
-        if not isinstance(checkpoint[key], int) or checkpoint[key] <= 0:
-            bad(key, f"{checkpoint[key]!r} is not a positive integer")
-    hidden = checkpoint["hidden_dims"]
-    if not (isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
-        bad("hidden_dims", f"{hidden!r} is not a list of positive integers")
-    if not isinstance(checkpoint["gym_id"], str) or not isinstance(checkpoint["gym_kwargs"], dict):
-        bad("gym_id or gym_kwargs", "not a string and a dict")
-    calibration = checkpoint["cvae_calibration"]
-    if not isinstance(calibration, dict) or "neg_elbo_quantiles" not in calibration:
-        bad("cvae_calibration", "no neg_elbo_quantiles")
-    fields, sizes = {**calibration, **checkpoint}, dict(checkpoint)
-    for key, shape, rule in CHECKPOINT_NUMBERS:
-        if key not in fields and (key == "log_alpha" or "reservoir_obs" not in calibration):
-            continue  # log_alpha: cql only; the reservoir: checkpoints written since it was added
-        try:
-            value = torch.as_tensor(fields.get(key), dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            bad(key, "not numbers")
-        if shape == "one" and value.numel() != 1:
-            bad(key, "not a single number")
-        needed = tuple(sizes.setdefault(size, got) for size, got in zip(shape, value.shape)) if shape != "one" else ()
-        if shape != "one" and (value.dim() != len(shape) or tuple(value.shape) != needed):
-            bad(key, "not a sorted 1-d list of at least two values" if rule == "sorted" else
-                f"shape {tuple(value.shape)} where {tuple(sizes.get(size, '?') for size in shape)} is needed")
-        if not torch.isfinite(value).all() or (rule == "positive" and not (value > 0).all()):
-            bad(key, "values that are not finite" + (" and positive" if rule == "positive" else ""))
-        if rule == "sorted" and (value.numel() < 2 or not (value[1:] >= value[:-1]).all()):
-            bad(key, "not a sorted 1-d list of at least two values")
-    if not (torch.as_tensor(checkpoint["action_low"]) < torch.as_tensor(checkpoint["action_high"])).all():
-        bad("action_low", "not below action_high everywhere")
-    if checkpoint["ref_min_score"] == checkpoint["ref_max_score"]:
-        bad("ref_max_score", "equal to ref_min_score, so no score can be normalized")
-    if sizes.get("reservoir", 2) < 2:
-        bad("reservoir_obs", "fewer than two pairs")
-
-
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str) -> nn.Module:
-    """load_state_dict with a one-sentence error when the shapes in the checkpoint differ from the network's;
-    returns the module."""
+def load_weights(module: nn.Module, checkpoint: dict, key: str, path: str, device: torch.device) -> nn.Module:
+    """load_state_dict of checkpoint[key]; weights of other sizes or not finite are refused in one sentence."""
     try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip()
-        fail(f"the {what} in {path} does not fit the sizes the checkpoint states ({reason}); rewrite it with "
-             "pretrain_offline.py")
+        module.load_state_dict(checkpoint[key])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        fail(f"the {key} in {path} does not fit its stated sizes ({str(exc).strip().splitlines()[-1].strip()})")
     if not all(torch.isfinite(value).all() for value in module.state_dict().values()):
-        fail(f"the {what} in {path} has weights that are not finite (nan or inf: its training diverged); pretrain "
-             "it again, on data whose rewards are of a sane size")
-    return module
+        fail(f"the {key} in {path} has weights that are not finite (its training diverged); pretrain it again")
+    return module.to(device)
+
+
+def make_checked_env(checkpoint: dict, seed: int, path: str):
+    """The checkpoint's environment, which must have the spaces the checkpoint was trained for."""
+    try:
+        env = make_env(checkpoint["gym_id"], checkpoint["gym_kwargs"], seed)
+    except Exception as exc:
+        fail(f"cannot make the environment {checkpoint['gym_id']} of {path} ({exc}); install what it needs")
+    obs_dim, space = flatten_obs(env.observation_space.sample()).shape[-1], env.action_space
+    if (obs_dim, space.shape) != (checkpoint["obs_dim"], (checkpoint["act_dim"],)) or not (
+            np.allclose(space.low, checkpoint["action_low"]) and np.allclose(space.high, checkpoint["action_high"])):
+        fail(f"{checkpoint['gym_id']} now has other spaces than {path} was trained on; pretrain again")
+    return env
+
+
+def offline_replay(checkpoint: dict, device: torch.device) -> ReplayBuffer:
+    """--offline-data-ratio: the checkpoint's dataset with the checkpoint's transforms (states normalised, actions in
+    [-1, 1], training rewards). The only place an online script reads offline data."""
+    try:
+        import minari
+
+        episodes = list(minari.load_dataset(checkpoint["dataset_id"]).iterate_episodes())
+        obs = [flatten_obs(e.observations) for e in episodes]
+        s, a, r, s2, d = (np.concatenate(part).astype(np.float32) for part in (
+            [o[:-1] for o in obs], [e.actions for e in episodes], [e.rewards for e in episodes], [o[1:] for o in obs],
+            [e.terminations for e in episodes]))
+        if s.shape[1:] != (checkpoint["obs_dim"],) or a.shape[1:] != (checkpoint["act_dim"],):
+            raise ValueError("other sizes than the checkpoint's")
+    except Exception as exc:
+        fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which could not be read "
+             f"({type(exc).__name__}: {exc}); make or import it again, or leave out --offline-data-ratio")
+    mean, std, low, high = (np.asarray(checkpoint[k]) for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+    replay = ReplayBuffer(len(s), checkpoint["obs_dim"], checkpoint["act_dim"], device)
+    replay.rows.copy_(torch.as_tensor(np.concatenate([
+        (s - mean) / std, np.clip(2.0 * (a - low) / (high - low) - 1.0, -1, 1),
+        r[:, None] * checkpoint["reward_scale"] + checkpoint["reward_bias"], (s2 - mean) / std, d[:, None]], axis=1),
+        dtype=torch.float32))
+    replay.size = len(s)
+    return replay
+
+
+def compiled(args, *update_functions):
+    """--compile wraps the update functions in torch.compile (on CUDA capturing CUDA graphs)."""
+    mode = "reduce-overhead" if torch.cuda.is_available() and args.cuda else None
+    return tuple(torch.compile(f, mode=mode) for f in update_functions) if args.compile else update_functions
+
+
+def method_name(args) -> str:
+    """What the run does, for its name: e.g. cvae-next-adaptive, even0.05-static, none, none-offline0.5."""
+    mode = args.coef_mode + (f"{args.even_p:g}" if args.coef_mode == "even" and args.even_p != 0.5 else "")
+    name = "none" if args.coef_mode == "none" else "-".join(
+        [mode] + [args.p_at] * (args.coef_mode == "cvae") + ["adaptive" if args.adaptive else "static"]
+        + [f"refresh{args.qoff_refresh_every}"] * (args.qoff_refresh_every > 0))
+    return name + (f"-offline{args.offline_data_ratio:g}" if args.offline_data_ratio > 0 else "")
+
+
+class Run:
+    """The run's own directory {run_dir}/{run_name}, made by this run alone, with its TensorBoard log (the
+    hyperparameters as a table): metrics, episodes, evaluations and progress lines; and model.pt at the end."""
+
+    def __init__(self, args, checkpoint: dict, path: str):
+        self.args, self.checkpoint, self.status, self.score, self.offline_score = args, checkpoint, 0, math.nan, None
+        self.name = (f"{args.env_id.replace('/', '-')}__{os.path.basename(sys.argv[0]).removesuffix('.py')}__"
+                     f"{method_name(args)}__{args.seed}__{int(time.time())}")
+        self.dir, hyperparameters = os.path.join(args.run_dir, self.name), {**vars(args), "checkpoint_path": path}
+        try:
+            for attempt in range(2, 1 << 30):  # a directory of its own, even beside a run started in the same second
+                with contextlib.suppress(FileExistsError):
+                    os.makedirs(self.dir)
+                    break
+                self.dir = os.path.join(args.run_dir, f"{self.name}-{attempt}")
+            self.writer = SummaryWriter(self.dir)
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in hyperparameters.items()))
+            self.writer.flush()
+        except (OSError, UnicodeError) as exc:
+            fail(f"cannot write a run directory in {args.run_dir} ({getattr(exc, 'strerror', '') or exc}); choose "
+                 "another --run-dir")
+        self.sums, self.episode, self.successes, self.last = {}, [0.0, 0, 0.0], [], (time.time(), 0)
+
+    def step(self, reward: float, info: dict, episode_over: bool, step: int):
+        """Online episodes: return, length and, on goal tasks, success and regret (mean of 1 - success so far)."""
+        self.episode = [self.episode[0] + reward, self.episode[1] + 1, max(self.episode[2], info.get("success", 0.0))]
+        if episode_over:
+            self.successes += [self.episode[2]] if "success" in info else []
+            for name, value in zip(("charts/episodic_return", "charts/episodic_length", "charts/success",
+                                    "charts/regret"), (*self.episode, 1.0 - np.mean(self.successes or [np.nan]))):
+                if name.startswith("charts/episodic") or "success" in info:
+                    self.writer.add_scalar(name, value, step)
+            self.episode = [0.0, 0, 0.0]
+
+    def add(self, names: tuple, values: Optional[torch.Tensor]):
+        """Sums metric tensors where they live; they are read once per log step, the only host synchronisation."""
+        if values is not None:
+            total, count = self.sums.get(names, (0, 0))
+            self.sums[names] = (values + total, count + 1)
+
+    def log(self, step: int):
+        """Writes the averaged metrics and the steps per second and prints where the run stands; a loss that is no
+        longer finite stops the run."""
+        for names, (total, count) in self.sums.items():
+            for name, value in zip(names, (total / count).tolist()):
+                self.writer.add_scalar(name, value, step)
+                if not math.isfinite(value) and name.startswith("losses/"):
+                    raise FloatingPointError(f"{name} is {value}: the training diverged (a learning rate too large?)")
+        (last_time, last_step), self.sums = self.last, {}
+        sps, self.last = (step - last_step) / max(time.time() - last_time, 1e-9), (time.time(), step)
+        self.writer.add_scalar("charts/SPS", int(sps), step)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.args.total_timesteps - step) / max(sps, 1e-9)))
+        print(f"step {step}/{self.args.total_timesteps}  SPS {sps:.0f}  ETA {eta}  last eval score {self.score:.1f}",
+              flush=True)
+
+    def evaluate(self, actor: nn.Module, eval_env: gym.Env, device: torch.device, step: int):
+        c = self.checkpoint
+        returns, _, successes = evaluate(actor, eval_env, np.asarray(c["obs_mean"]), np.asarray(c["obs_std"]),
+                                         self.args.eval_episodes, self.args.seed + 10_000, device)
+        self.score = float(normalized_score(returns, c["ref_min_score"], c["ref_max_score"]).mean())
+        self.writer.add_scalar("eval/return", returns.mean(), step)
+        self.writer.add_scalar("eval/normalized_score", self.score, step)
+        if isinstance(eval_env.observation_space, gym.spaces.Dict):
+            self.writer.add_scalar("eval/success", successes.mean(), step)
+        if self.offline_score is None:
+            self.offline_score = self.score
+            print(f"{self.name}: the offline policy scores {self.score:.1f}", flush=True)
+
+    @torch.no_grad()
+    def log_p(self, coefficient: Coefficient, p: torch.Tensor, obs: torch.Tensor, step: int):
+        """The batch's p: its 10/50/90% quantiles and, in cvae mode, samg/p_auroc: how well p_vae still ranks the
+        reservoir's offline pairs above the batch's states with random actions (1: always, 0.5: chance)."""
+        quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
+        for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
+            self.writer.add_scalar(name, value, step)
+        if coefficient.mode == "cvae" and coefficient.reservoir is not None:
+            self.probe = getattr(self, "probe", None) or torch.Generator(obs.device).manual_seed(0)  # not training's
+            novel = coefficient.p_vae(obs, torch.rand(obs.shape[0], coefficient.reservoir[1].shape[1],
+                                                      device=obs.device, generator=self.probe) * 2.0 - 1.0)
+            familiar = coefficient.p_vae(*coefficient.reservoir)[:, None]
+            auroc = (familiar > novel).float().mean() + 0.5 * (familiar == novel).float().mean()
+            self.writer.add_scalar("samg/p_auroc", auroc.item(), step)
+
+    def stopped(self, stop: BaseException, step: int):
+        """One line for a run stopped by a signal, a failed write (a full disk) or losses that diverged."""
+        if isinstance(stop, KeyboardInterrupt):
+            reason, self.status = f"interrupted ({signal.Signals(STOPPED_BY[0]).name})", 128 + STOPPED_BY[0]
+        else:
+            reason, self.status = str(stop) if isinstance(stop, FloatingPointError) else (
+                f"could not write {stop.filename or 'the run log'} ({stop.strerror or stop})"), 1
+        print(f"stopped at step {step}: {reason}; keeping the logs" + " and the model" * self.args.save_model, flush=True)
+
+    def finish(self, step: int, networks: dict, *envs, **tensors):
+        """With --save-model, model.pt: the checkpoint's keys with the fine-tuned networks in place of the offline
+        ones. Then closes everything and exits with the run's status."""
+        for number in STOP_SIGNALS:  # from here on a Ctrl-C or SIGTERM cannot cut the saving short
+            signal.signal(number, signal.SIG_IGN)
+        if self.args.save_model:
+            save_model(dict(self.checkpoint, online_steps=step, online_normalized_score=self.score,
+                            online_args=dataclasses.asdict(self.args), **tensors, **{
+                                key: {name: w.detach().cpu() for name, w in network.state_dict().items()}
+                                for key, network in networks.items()}), os.path.join(self.dir, "model.pt"))
+        for resource in (*envs, self.writer):
+            with contextlib.suppress(OSError):
+                resource.close()
+        if self.status:
+            raise SystemExit(self.status)
+        print(f"normalized score: offline {self.offline_score:.1f} -> online {self.score:.1f} after {step} steps")
+
+
+def save_model(payload: dict, path: str):
+    """Written beside `path` and moved into place, so no half-written model.pt is ever left; where the run dir cannot
+    take it (a full disk), into the temporary directory instead, said in one sentence."""
+    for place in (path, os.path.join(tempfile.gettempdir(), f"rescued-{os.getpid()}-model.pt")):
+        try:
+            torch.save(payload, f"{place}.tmp")
+            os.replace(f"{place}.tmp", place)
+            return print(f"saved {place}", flush=True) if place == path else fail(
+                f"could not write {path} ({reason}); the trained networks are saved as {place} instead")
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+            reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+            with contextlib.suppress(OSError):
+                os.remove(f"{place}.tmp")
+    fail(f"could not write {path} nor in {tempfile.gettempdir()} ({reason}); the trained networks are lost")
+
+
+STOP_SIGNALS, STOPPED_BY = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), [signal.SIGINT]
+
+
+def stop_as_on_ctrl_c(number, frame):
+    """Ctrl-C, SIGTERM (a scheduler's limit, kill) and SIGHUP stop a run alike, the exit status 128 + the signal. The
+    signals after the first are ignored, so that they cannot cut the saving short."""
+    STOPPED_BY[0] = number
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run_main(main, args_type):
+    """main(args) with the signals handled: one stops the loop, which saves what it has (Run.stopped), or, before the
+    loop, ends the script with one line. A full disk in the log's writer thread is said by the loop's next write."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, stop_as_on_ctrl_c)
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
+    try:
+        main(tyro.cli(args_type, description=sys.modules["__main__"].__doc__))
+    except KeyboardInterrupt:
+        print(f"interrupted ({signal.Signals(STOPPED_BY[0]).name}) before the run started", file=sys.stderr)
+        raise SystemExit(128 + STOPPED_BY[0])
 # --- end shared ---
 
 
@@ -999,329 +849,5 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float):
 # --- end shared ---
 
 
-# --- shared: offline transitions ---
-def read_transitions(dataset_id: str):
-    """Reads every episode of a local Minari dataset into transitions (s, a, r, s', terminated), checked finite;
-    returns them and the open dataset."""
-    import minari
-
-    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
-    try:
-        dataset = minari.load_dataset(dataset_id)
-        space = dataset.spec.action_space
-        if not isinstance(space, gym.spaces.Box):
-            fail(f"dataset {dataset_id} has {type(space).__name__} actions, but these algorithms need continuous "
-                 "(Box) actions; use a dataset of a continuous-control environment")
-        for episode in dataset.iterate_episodes():
-            observations = flatten_obs(episode.observations)
-            counts = (len(observations) - 1, len(episode.actions), len(episode.rewards), len(episode.terminations))
-            if len(set(counts)) > 1:
-                fail(f"dataset {dataset_id} has an episode of {counts[0] + 1} observations, {counts[1]} actions, "
-                     f"{counts[2]} rewards and {counts[3]} terminations (one more observation than each is needed); "
-                     "re-create it")
-            parts["observations"].append(observations[:-1])
-            parts["next_observations"].append(observations[1:])
-            parts["actions"].append(episode.actions)
-            parts["rewards"].append(episode.rewards)
-            parts["terminals"].append(episode.terminations)  # truncations never stop bootstrapping
-    except Exception as exc:
-        fail(f"the local dataset {dataset_id} is unreadable ({type(exc).__name__}: {str(exc).strip()[:200]}); delete "
-             "it from the Minari store and make, import or download it again")
-    if sum(len(r) for r in parts["rewards"]) == 0:
-        fail(f"dataset {dataset_id} holds no transitions; re-create it with make_dataset.py")
-    data = {key: np.concatenate(value).astype(np.float32) for key, value in parts.items()}
-    for key, value in data.items():
-        if not np.isfinite(value).all():
-            fail(f"dataset {dataset_id} has NaN or inf values in its {key}; clean or re-create it")
-    if np.abs(data["rewards"]).max() > MAX_REWARD:
-        fail(f"dataset {dataset_id} has rewards as large as {np.abs(data['rewards']).max():.3g}; values reach "
-             f"r / (1 - gamma) and overflow float32 training above {MAX_REWARD:g}, so rescale its rewards")
-    return data, dataset
-
-
-MAX_REWARD = 1e6  # [our choice] |r| above this is refused: Q ~ r / (1 - gamma) and its square must stay in float32
-# --- end shared ---
-
-
-# --- shared: online setup ---
-EVAL_SEED_OFFSET = 10_000  # evaluation episodes start from other seeds than training
-
-
-def check_args_and_read_checkpoint(args, algo: str):
-    """Checks the arguments and the output place, then loads the offline checkpoint and checks its fields."""
-    check_numbers(args, positive=("total_timesteps", "utd", "batch_size", "critic_lr", "actor_lr", "cvae_lr",
-                                  "cvae_update_every", "recalibrate_every", "qoff_refresh_every", "p_fade_steps",
-                                  "eval_freq", "eval_episodes", "log_freq", "num_critics"),
-                  non_negative=("seed", "learning_starts"),
-                  unit_interval=("gamma", "tau", "p_threshold", "even_p", "mastered_quantile",
-                                 "offline_data_ratio"))
-    if args.mastered_quantile == 0.0:
-        fail("--mastered-quantile is 0 but must be in (0, 1]: the C-VAE needs at least one mastered sample")
-    if args.offline_data_ratio == 1.0:
-        fail("--offline-data-ratio is 1 but must be below 1: some of every batch has to be online data")
-    if args.learning_starts >= args.total_timesteps:
-        fail(f"--learning-starts is {args.learning_starts} but must be below --total-timesteps "
-             f"({args.total_timesteps}), or no update would happen")
-    use_threads(args.threads)
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        fail("--capture-video needs moviepy; install it with `pip install moviepy` or leave out --capture-video")
-    path = args.checkpoint or os.path.join("checkpoints", f"{args.env_id.replace('/', '-')}__{algo}__{args.seed}.pt")
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; make it with "
-             f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
-    # the run log needs a few MiB; --save-model's model.pt is about the checkpoint's size
-    check_writable(args.run_dir, "--run-dir", (16 << 20) + (2 * os.path.getsize(path) if args.save_model else 0))
-    return read_checkpoint(path, algo), path
-
-
-def make_checked_env(checkpoint: dict, gym_id: str, seed: int, path: str, render_mode: Optional[str] = None):
-    """The online environment must have the observation and action spaces the checkpoint was trained for. Another
-    --gym-id than the checkpoint's gets that env's own registered settings, not the checkpoint's gym_kwargs."""
-    gym_kwargs = checkpoint["gym_kwargs"] if gym_id == checkpoint["gym_id"] else {}
-    try:
-        env = make_env(gym_id, gym_kwargs, seed, render_mode)
-    except (gym.error.Error, TypeError, ValueError) as exc:
-        fail(f"cannot make the environment {gym_id} with {gym_kwargs} ({exc}); check --gym-id and the checkpoint")
-    obs_dim, action_space = flatten_obs(env.observation_space.sample()).shape[-1], env.action_space
-    if obs_dim != checkpoint["obs_dim"] or action_space.shape != (checkpoint["act_dim"],):
-        fail(f"{gym_id} has {obs_dim}-d observations and {action_space.shape} actions but {path} was trained on "
-             f"{checkpoint['obs_dim']} and ({checkpoint['act_dim']},); fine-tune on {checkpoint['gym_id']}")
-    if not (np.allclose(action_space.low, np.asarray(checkpoint["action_low"], dtype=np.float32))
-            and np.allclose(action_space.high, np.asarray(checkpoint["action_high"], dtype=np.float32))):
-        fail(f"{gym_id} has other action bounds than {path} was trained with; fine-tune on {checkpoint['gym_id']}")
-    return env
-
-
-def method_name(args) -> str:
-    """What the run does, for its name: e.g. cvae-next-adaptive, even-static, none, none-offline0.5."""
-    if args.coef_mode == "none":
-        name = "none"
-    else:
-        mode = args.coef_mode + (f"{args.even_p:g}" if args.coef_mode == "even" and args.even_p != 0.5 else "")
-        name = "-".join([mode] + ([args.p_at] if args.coef_mode == "cvae" else [])
-                        + ["adaptive" if args.adaptive else "static"]
-                        + ([f"fade-{args.p_fade}"] if args.p_fade != "none" else []))
-    return name + (f"-offline{args.offline_data_ratio:g}" if args.offline_data_ratio > 0 else "")
-
-
-def start_run(args, checkpoint: dict, path: str):
-    """Seeds everything, names the run after the method, opens its log with the hyperparameters; returns the run's
-    name, its log and a separately seeded environment for the deterministic evaluations (recorded with
-    --capture-video)."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{method_name(args)}__{args.seed}__{int(time.time())}"
-    settings = {**vars(args), "checkpoint_path": path, "offline_algo": checkpoint["algo"],
-                "dataset_id": checkpoint["dataset_id"], "gym_id": args.gym_id or checkpoint["gym_id"],
-                "offline_normalized_score": checkpoint["offline_normalized_score"]}
-    writer = open_run_log(args, run_name, settings)
-    eval_env = make_checked_env(checkpoint, args.gym_id or checkpoint["gym_id"], args.seed + EVAL_SEED_OFFSET, path,
-                                render_mode="rgb_array" if args.capture_video else None)
-    if args.capture_video:
-        eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}",
-                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
-    return run_name, writer, eval_env
-
-
-def log_evaluation(writer: SummaryWriter, actor: nn.Module, eval_env: gym.Env, checkpoint: dict, args,
-                   device: torch.device, step: int) -> float:
-    obs_mean, obs_std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
-    returns, _, successes = evaluate(actor, eval_env, obs_mean, obs_std, args.eval_episodes,
-                                     args.seed + EVAL_SEED_OFFSET, device)
-    score = float(normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]).mean())
-    writer.add_scalar("eval/return", returns.mean(), step)
-    writer.add_scalar("eval/normalized_score", score, step)
-    if isinstance(eval_env.observation_space, gym.spaces.Dict):
-        writer.add_scalar("eval/success", successes.mean(), step)
-    return score
-
-
-def observation_normalizer(checkpoint: dict):
-    """flatten_obs, then the offline dataset's mean and std from the checkpoint."""
-    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
-    return lambda obs: ((flatten_obs(obs) - mean) / std).astype(np.float32)
-
-
-class EpisodeLog:
-    """Online episodes: return, length and, on goal tasks, success and regret (mean of 1 - success so far)."""
-
-    def __init__(self, writer: SummaryWriter, goal_task: bool):
-        self.writer, self.goal_task, self.successes = writer, goal_task, []
-        self.episode_return, self.length, self.success = 0.0, 0, 0.0
-
-    def step(self, reward: float, info: dict, episode_over: bool, global_step: int):
-        self.episode_return, self.length = self.episode_return + float(reward), self.length + 1
-        self.success = max(self.success, float(info.get("success", 0.0)))
-        if episode_over:
-            self.writer.add_scalar("charts/episodic_return", self.episode_return, global_step)
-            self.writer.add_scalar("charts/episodic_length", self.length, global_step)
-            if self.goal_task:
-                self.successes.append(self.success)
-                self.writer.add_scalar("charts/success", self.success, global_step)
-                self.writer.add_scalar("charts/regret", 1.0 - float(np.mean(self.successes)), global_step)
-            self.episode_return, self.length, self.success = 0.0, 0, 0.0
-
-
-def log_progress(writer: SummaryWriter, metric_means, global_step: int, progress: Progress, score: float):
-    """Writes the averaged losses and the recent SPS, and prints where the run stands."""
-    for metrics in metric_means:
-        metrics.write(writer, global_step)
-    sps = progress.update(global_step, f"last eval score {score:.1f}", force=True)
-    writer.add_scalar("charts/SPS", int(sps), global_step)
-
-
-def offline_replay(args, checkpoint: dict, device: torch.device) -> Optional[ReplayBuffer]:
-    """With --offline-data-ratio > 0, the checkpoint's dataset with the checkpoint's transforms (normalised states,
-    actions in [-1, 1], training rewards); otherwise None, and the dataset is never opened."""
-    if args.offline_data_ratio == 0.0:
-        return None
-    import minari
-
-    if checkpoint["dataset_id"] not in minari.list_local_datasets():
-        fail(f"--offline-data-ratio reads the checkpoint's dataset {checkpoint['dataset_id']}, which is not in the "
-             "Minari store; make or import it again, or leave out --offline-data-ratio")
-    data, _ = read_transitions(checkpoint["dataset_id"])
-    mean, std = np.asarray(checkpoint["obs_mean"]), np.asarray(checkpoint["obs_std"])
-    low, high = np.asarray(checkpoint["action_low"]), np.asarray(checkpoint["action_high"])
-    if data["observations"].shape[1] != checkpoint["obs_dim"] or data["actions"].shape[1] != checkpoint["act_dim"]:
-        fail(f"dataset {checkpoint['dataset_id']} does not have the checkpoint's observation and action sizes; "
-             "leave out --offline-data-ratio or pretrain again on it")
-    columns = [(data["observations"] - mean) / std, np.clip(2.0 * (data["actions"] - low) / (high - low) - 1.0, -1, 1),
-               data["rewards"][:, None] * checkpoint["reward_scale"] + checkpoint["reward_bias"],
-               (data["next_observations"] - mean) / std, data["terminals"][:, None]]
-    rows = torch.as_tensor(np.concatenate(columns, axis=1), dtype=torch.float32, device=device)
-    replay = ReplayBuffer(len(rows), checkpoint["obs_dim"], checkpoint["act_dim"], device)
-    replay.rows.copy_(rows)
-    replay.size = len(rows)
-    print(f"--offline-data-ratio {args.offline_data_ratio}: {len(rows)} offline transitions from "
-          f"{checkpoint['dataset_id']}", flush=True)
-    return replay
-
-
-def compiled(args, *update_functions):
-    """--compile wraps the update functions in torch.compile; --cudagraphs (CUDA only) also captures CUDA graphs."""
-    if not (args.compile or args.cudagraphs):
-        return update_functions
-    return tuple(torch.compile(f, mode="reduce-overhead" if args.cudagraphs else None) for f in update_functions)
-
-
-def save_model(args, run_name: str, checkpoint: dict, step: int, score: float, networks: dict, **tensors):
-    """Writes the fine-tuned networks under the checkpoint's keys and format, so the file loads like a checkpoint;
-    where the run dir cannot take it, into the home or the temporary directory (save_or_rescue)."""
-    payload = dict(checkpoint, online_steps=step, online_normalized_score=score, online_args=dataclasses.asdict(args),
-                   **tensors)
-    for key, network in networks.items():
-        payload[key] = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
-    path = os.path.join(args.run_dir, run_name, "model.pt")
-    save_or_rescue(payload, path, True, [os.path.expanduser("~"), tempfile.gettempdir()])
-    print(f"saved {path}")
-
-
-def stopped_early(exc: BaseException, step: int, saving: bool) -> int:
-    """One line for a run stopped by an interrupt or by a write that failed (the run log on a full disk); returns
-    its exit status: 128 + the signal, or 1."""
-    keeping = " and the model" if saving else ""
-    if isinstance(exc, KeyboardInterrupt):
-        print(f"interrupted at step {step} ({signal.Signals(STOPPED_BY[0]).name}); keeping the logs{keeping}",
-              flush=True)
-        return interrupted_status()
-    print(f"stopped at step {step}: could not write {exc.filename or 'the run log'} ({exc.strerror or exc}); "
-          f"keeping what was written{keeping}", flush=True)
-    return 1
-
-
-def close_all(*resources):
-    """Closes the environments and the run log; a log that cannot be flushed any more (a full disk) was reported."""
-    for resource in resources:
-        with contextlib.suppress(OSError):
-            resource.close()
-
-
-class MetricMeans:
-    """Sums metric tensors where they live and reads them once per log step, the only host synchronisation."""
-
-    def __init__(self, names):
-        self.names, self.total, self.count = names, None, 0
-
-    def add(self, values: Optional[torch.Tensor]):
-        if values is not None:
-            self.total = values.clone() if self.total is None else self.total + values
-            self.count += 1
-
-    def write(self, writer: SummaryWriter, step: int):
-        if self.count:
-            for name, value in zip(self.names, (self.total / self.count).tolist()):
-                writer.add_scalar(name, value, step)
-        self.total, self.count = None, 0
-
-
-@torch.no_grad()
-def p_separation(guidance: Guidance, obs: torch.Tensor) -> torch.Tensor:
-    """Whether p still tells offline pairs from novel ones: the AUROC of p_vae (before the threshold) on the
-    reservoir's offline pairs against `obs` with uniform random actions (1: always ranked apart, 0.5: no
-    better than chance). Logged as samg/p_auroc; NaN without a reservoir (an older checkpoint)."""
-    if guidance.reservoir is None:
-        return torch.full((), math.nan)
-
-    def p_vae(o, a):
-        if guidance.p_estimator == "latent":
-            return p_latent(guidance.cvae, o, a)
-        return p_elbo(guidance.cvae, guidance.neg_elbo_reference, o, a)
-
-    random_actions = torch.rand(obs.shape[0], guidance.reservoir[1].shape[1], device=obs.device,
-                                generator=guidance.probe) * 2.0 - 1.0
-    familiar, novel = p_vae(*guidance.reservoir), p_vae(obs, random_actions)
-    above = (familiar[:, None] > novel[None, :]).float().mean()
-    return (above + 0.5 * (familiar[:, None] == novel[None, :]).float().mean()).cpu()
-
-
-def log_p(writer: SummaryWriter, guidance: Guidance, p: torch.Tensor, obs: torch.Tensor, step: int):
-    """At log steps: the last batch's p as a histogram and its 10/50/90% quantiles, and with coef-mode cvae
-    samg/p_auroc (p_separation at the batch's states)."""
-    writer.add_histogram("samg/p", p, step)
-    quantiles = torch.quantile(p.float(), torch.tensor([0.1, 0.5, 0.9], device=p.device)).tolist()
-    for name, value in zip(("samg/p_q10", "samg/p_q50", "samg/p_q90"), quantiles):
-        writer.add_scalar(name, value, step)
-    if guidance.coef_mode == "cvae":
-        writer.add_scalar("samg/p_auroc", p_separation(guidance, obs).item(), step)
-# --- end shared ---
-
-
-# --- shared: IQL flags ---
-def check_expectile(expectile: Optional[float]):
-    """0.5 makes V the mean of Q over the data's actions and values towards 1 its maximum; at 0 or 1 one side of
-    the loss vanishes and V drifts without bound."""
-    if expectile is not None and not 0.0 < expectile < 1.0:
-        fail(f"--iql-expectile is {expectile} but must be strictly between 0 and 1")
-# --- end shared ---
-
-
-def read_checked_checkpoint(args: Args):
-    """This script's own flags and checkpoint fields, after the checks every online script makes."""
-    check_numbers(args, positive=("iql_beta", "iql_max_weight"))
-    check_expectile(args.iql_expectile)
-    checkpoint, checkpoint_path = check_args_and_read_checkpoint(args, OFFLINE_ALGO)
-    iql_settings(args, checkpoint, checkpoint_path)
-    return checkpoint, checkpoint_path
-
-
-def iql_settings(args, checkpoint: dict, path: str):
-    """What an iql checkpoint adds: its value network, and the --iql-expectile and --iql-beta it was pretrained with
-    (its `args`), which the flags not given on the command line take after the same checks."""
-    if not isinstance(checkpoint.get("value"), dict):
-        fail(f"{path} has no value network; rewrite it with "
-             f"`python pretrain_offline.py --algo iql --env-id {checkpoint['env_id']} --overwrite`")
-    recorded = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
-    for field, allowed in (("iql_expectile", lambda v: 0.0 < v < 1.0), ("iql_beta", lambda v: v > 0.0)):
-        if getattr(args, field) is None:
-            value = recorded.get(field)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and allowed(value)):
-                fail(f"{path} records no usable {field} ({value!r}); pass {flag(field)} or rewrite it with "
-                     "pretrain_offline.py")
-            setattr(args, field, float(value))
-
-
 if __name__ == "__main__":
-    handle_interrupts()
-    main(tyro.cli(Args))
+    run_main(main, Args)

@@ -115,10 +115,11 @@ def p_values(cvae, calibration: dict, estimator: str, obs: torch.Tensor, actions
 def measure(path: Path, args: Args) -> Tuple[Dict[str, dict], str]:
     """Per estimator: AUROC against random and perturbed actions, mean p and the share above the threshold."""
     try:
-        algo = torch.load(path, map_location="cpu", weights_only=True).get("algo", "")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        algo = ""  # read_checkpoint below reports the unreadable file in one sentence
-    checkpoint = po.read_checkpoint(str(path), algo)
+        checkpoint = None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != po.CHECKPOINT_FORMAT:
+        po.fail(f"{path} is not a readable checkpoint of pretrain_offline.py; write it again")
     data = po.load_dataset(checkpoint["dataset_id"])
     low, high = data["action_low"], data["action_high"]
     obs = torch.as_tensor((data["observations"] - checkpoint["obs_mean"].numpy()) / checkpoint["obs_std"].numpy(),
@@ -137,7 +138,7 @@ def measure(path: Path, args: Args) -> Tuple[Dict[str, dict], str]:
         eval_index = permutation
         cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"],
                        checkpoint["hidden_dims"])
-        po.load_weights(cvae, checkpoint["cvae"], "C-VAE", str(path))
+        cvae.load_state_dict(checkpoint["cvae"])
         calibration = checkpoint["cvae_calibration"]
         source = "training pairs of the checkpoint's C-VAE"
     cvae.eval()
