@@ -9,9 +9,11 @@ one env, and `benchmark/prepare_dataset.py` for each dataset given by a D4RL-sty
 downloads and combines the data with pretrain_offline.py's own code, so that pretraining runs started together find
 it ready and never download or combine at the same time). The pretrain stage: `pretrain_offline.py` for each env id
 x algo x pretraining seed. The online stage: one of `samg_sac.py` / `samg_td3.py` / `samg_awac.py` / `samg_iql.py`
-for each of those checkpoints x method x online seed. A method is a named set of online flags (METHODS): `samg` is
-the shipped default, `none` plain fine-tuning with online data only (p = 0), `offline-0.5` plain fine-tuning that
-keeps the offline data (half of every batch), and the rest SAMG's variants and ablations. With `--pretrain-seeds 1`,
+for each of those checkpoints x method x online seed. A method is a named set of online flags (METHODS):
+`samg-adaptive` is the shipped default (Q_off frozen, the C-VAE adaptive), `samg-static` SAMG with Q_off and the C-VAE
+frozen, `samg` the earlier default (Q_off also replaced every 50k steps), `none` plain fine-tuning with online data
+only (p = 0), `offline-0.5` plain fine-tuning that keeps the offline data (half of every batch), and the rest SAMG's
+variants and ablations. With `--pretrain-seeds 1`,
 one checkpoint per (dataset, algo) serves every online seed: what is compared is the online phase from one start.
 
 Presets: `quick` (Pendulum, local data, measured on 2 CPU cores), `paper` (the D4RL locomotion names at the
@@ -63,28 +65,32 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("cql", "td3bc", "awac", "iql")
-# method name -> the online scripts' flags that make it (anything not given is the script's default)
+# method name -> the online scripts' flags that make it (anything not given is the script's default). The names are
+# those of the committed results in benchmark/results, whose JSONs record the flags they ran with; since Q_off became
+# frozen by default, the methods that replaced it every 50k steps (the earlier default) say so, so that each name
+# still reproduces its results. A preset's `qoff_refresh_every` replaces that period.
 METHODS = {
-    "samg": ("--coef-mode", "cvae"),
-    "samg-static": ("--coef-mode", "cvae", "--no-adaptive"),
+    "samg-adaptive": ("--coef-mode", "cvae"),  # the shipped default: Q_off frozen, the C-VAE adaptive
+    "samg-static": ("--coef-mode", "cvae", "--no-adaptive"),  # Q_off and the C-VAE frozen
     "samg-static-sample": ("--coef-mode", "cvae", "--no-adaptive", "--p-at", "sample"),
-    "samg-static-deterministic": ("--coef-mode", "cvae", "--no-adaptive", "--p-next-action", "deterministic"),
-    "samg-sample": ("--coef-mode", "cvae", "--p-at", "sample"),
-    "samg-next": ("--coef-mode", "cvae", "--p-at", "next"),
-    "samg-both": ("--coef-mode", "cvae", "--p-at", "both"),
-    "samg-refresh-only": ("--coef-mode", "cvae", "--no-cvae-learning"),
-    "samg-cvae-only": ("--coef-mode", "cvae", "--no-qoff-refresh"),
-    "samg-outgrown": ("--coef-mode", "cvae", "--p-fade", "outgrown"),
-    "samg-linear": ("--coef-mode", "cvae", "--p-fade", "linear"),
-    "even": ("--coef-mode", "even"),
+    # the earlier default: adaptive C-VAE and Q_off replaced by the online critic every 50k steps
+    "samg": ("--coef-mode", "cvae", "--qoff-refresh-every", "50000"),
+    "samg-sample": ("--coef-mode", "cvae", "--p-at", "sample", "--qoff-refresh-every", "50000"),
+    "samg-next": ("--coef-mode", "cvae", "--p-at", "next", "--qoff-refresh-every", "50000"),
+    "samg-refresh-only": ("--coef-mode", "cvae", "--no-adaptive", "--qoff-refresh-every", "50000"),
+    "samg-cvae-only": ("--coef-mode", "cvae"),  # the same flags as samg-adaptive, under its results' name
+    "even": ("--coef-mode", "even", "--qoff-refresh-every", "50000"),
     "even-static": ("--coef-mode", "even", "--no-adaptive"),
     # the same amount of guidance as frozen SAMG in the frozen-dip cells (its mean p there is 0.02-0.08), unconditioned
     "even-0.05-static": ("--coef-mode", "even", "--even-p", "0.05", "--no-adaptive"),
-    "random": ("--coef-mode", "random"),
+    "random": ("--coef-mode", "random", "--qoff-refresh-every", "50000"),
     "random-static": ("--coef-mode", "random", "--no-adaptive"),
     "none": ("--coef-mode", "none"),
     "offline-0.5": ("--coef-mode", "none", "--offline-data-ratio", "0.5"),
 }
+# methods of committed results whose flags were retired with the question they answered (README, "Retired flags")
+RETIRED_METHODS = {"samg-both": "--p-at both", "samg-outgrown": "--p-fade outgrown", "samg-linear": "--p-fade linear",
+                   "samg-static-deterministic": "--p-next-action deterministic"}
 ONLINE_SCRIPTS = {"cql": "samg_sac.py", "td3bc": "samg_td3.py", "awac": "samg_awac.py", "iql": "samg_iql.py"}
 # Gymnasium ids of the environments whose datasets make_dataset.py generates (`local/{env}/{quality}-v0`)
 LOCAL_GYM_IDS = {
@@ -114,6 +120,8 @@ class Preset:
     """extra pretrain_offline.py flags (the online scripts take network sizes from the checkpoint)"""
     online_args: Tuple[str, ...] = ()
     """extra flags of the online scripts"""
+    qoff_refresh_every: Optional[int] = None
+    """the period of the methods that replace Q_off (METHODS' --qoff-refresh-every 50000); None keeps 50000"""
     # budgets: pretrain_offline.py --total-steps, --cvae-steps, --eval-freq; the online scripts'
     # --total-timesteps, --learning-starts, --eval-freq; --eval-episodes of both
     offline_steps: Optional[int] = None
@@ -127,20 +135,20 @@ class Preset:
 
 PRESETS: Dict[str, Preset] = {
     # Pendulum-v1 (200-step episodes) from locally generated medium and medium-replay data, 64x64 networks, one
-    # checkpoint per (dataset, algo) and 5 online seeds: SAMG with p at each pair, plain fine-tuning with and
-    # without the offline data. With cql, td3bc and awac: 1 dataset run, 6 pretraining runs, 150 online runs of 10k
-    # steps (about 0.5 CPU-min each), about 1 h 15 min with --workers 2 on 2 free cores; iql (in ALGOS) adds 2
-    # pretraining and 50 online runs, not measured yet. Q_off is refreshed every 2000 steps, 5 times per run, as the
-    # default 50k does in a 250k-step run.
+    # checkpoint per (dataset, algo) and 5 online seeds: SAMG (the earlier default, Q_off refreshed) with p at each
+    # pair, plain fine-tuning with and without the offline data. With cql, td3bc and awac: 1 dataset run, 6
+    # pretraining runs, 120 online runs of 10k steps (about 0.5 CPU-min each; results/quick also has samg-both, p at
+    # both pairs, since retired); iql (in ALGOS) adds 2 pretraining and 40 online runs. Q_off is refreshed every 2000
+    # steps, 5 times per run, as 50k does in a 250k-step run.
     "quick": Preset(
         env_ids=("local/pendulum/medium-v0", "local/pendulum/medium-replay-v0"),
-        methods=("none", "samg-next", "samg-sample", "samg-both", "offline-0.5"), seeds=(1, 2, 3, 4, 5),
+        methods=("none", "samg-next", "samg-sample", "offline-0.5"), seeds=(1, 2, 3, 4, 5),
         pretrain_seeds=1,
         dataset_args=("--total-timesteps", "15000", "--learning-starts", "1000", "--eval-freq", "500",
                       "--eval-episodes", "5", "--transitions", "50000", "--hidden-dims", "64", "64"),
         pretrain_args=("--hidden-dims", "64", "64"), offline_steps=10_000, cvae_steps=10_000,
         offline_eval_freq=5_000, online_steps=10_000, learning_starts=500, online_eval_freq=500, eval_episodes=5,
-        online_args=("--qoff-refresh-every", "2000"),
+        qoff_refresh_every=2000,
     ),
     # The D4RL locomotion tasks at the published budgets: 1M offline steps, 250k online steps, 5 seeds, every
     # method; the scripts' defaults otherwise. The dataset stage prepares each of the 9 datasets once
@@ -154,12 +162,12 @@ PRESETS: Dict[str, Preset] = {
     # SAMG with its offline critic really frozen, from independent checkpoints, in the cells where plain fine-tuning
     # dips (TD3+BC on the medium data of Hopper, HalfCheetah and Walker2d; benchmark/results/frozen-dip/stages.md).
     # Data and pretraining as locomotion-cpu's, but 3 checkpoints per cell, each fine-tuned by 3 online seeds (online
-    # seed k by checkpoint ((k - 1) % 3) + 1). Arms: the two baselines, the shipped default (adaptive C-VAE; the
-    # default --qoff-refresh-every 50000 never comes within 20k steps, so its Q_off stays the offline critic too),
-    # the static SAMG (C-VAE and Q_off frozen) with p at the next pair and at the sample, and p = 0.5 frozen. 20k
-    # online steps (18k updates): plain fine-tuning's dip on HalfCheetah lasted 3k-8k steps in locomotion-cpu.
-    # Evaluations every 1k steps. samg-static-deterministic (TD3: p at pi_target(s') rather than the smoothed a')
-    # is the pilot's, added with --methods.
+    # seed k by checkpoint ((k - 1) % 3) + 1). Arms: the two baselines, the then default `samg` (adaptive C-VAE; its
+    # --qoff-refresh-every 50000 never comes within 20k steps, so its Q_off stays the offline critic too, as in
+    # today's default samg-adaptive), the static SAMG (C-VAE and Q_off frozen) with p at the next pair and at the
+    # sample, and p = 0.5 frozen. 20k online steps (18k updates): plain fine-tuning's dip on HalfCheetah lasted 3k-8k
+    # steps in locomotion-cpu. Evaluations every 1k steps. The pilot's samg-static-deterministic (TD3: p at
+    # pi_target(s') rather than the smoothed a') needed --p-next-action, retired since.
     "frozen-dip": Preset(
         env_ids=tuple(f"local/{env}/medium-v0" for env in ("halfcheetah", "hopper", "walker2d")),
         algos=("td3bc",), methods=("none", "offline-0.5", "samg", "samg-static", "samg-static-sample", "even-static"),
@@ -190,7 +198,7 @@ PRESETS: Dict[str, Preset] = {
                       "--eval-episodes", "5"),
         pretrain_args=("--hidden-dims", "256", "256"), offline_steps=30_000, cvae_steps=10_000,
         offline_eval_freq=10_000, online_steps=12_000, learning_starts=2_000, online_eval_freq=1_000,
-        eval_episodes=5, online_args=("--qoff-refresh-every", "2400"),
+        eval_episodes=5, qoff_refresh_every=2400,
     ),
 }
 
@@ -319,10 +327,18 @@ def prepare_command(env_id: str) -> List[str]:
 def online_command(env_id: str, algo: str, method: str, seed: int, checkpoint: Path, run_dir: Path,
                    preset: Preset) -> List[str]:
     return ["python", script(ONLINE_SCRIPTS[algo]), "--env-id", env_id, "--checkpoint", str(checkpoint),
-            "--seed", str(seed), *METHODS[method],
+            "--seed", str(seed), *method_flags(method, preset),
             *flags(total_timesteps=preset.online_steps, learning_starts=preset.learning_starts,
                    eval_freq=preset.online_eval_freq, eval_episodes=preset.eval_episodes),
             "--run-dir", str(run_dir), *preset.online_args]
+
+
+def method_flags(method: str, preset: Preset) -> List[str]:
+    """METHODS[method], with the preset's period for the methods that replace Q_off."""
+    flags_ = list(METHODS[method])
+    if "--qoff-refresh-every" in flags_ and preset.qoff_refresh_every:
+        flags_[flags_.index("--qoff-refresh-every") + 1] = str(preset.qoff_refresh_every)
+    return flags_
 
 
 def local_dataset(env_id: str) -> Optional[Tuple[str, str]]:
@@ -381,7 +397,7 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                     checkpoint = Path(checkpoint_dir) / f"{pretrain_id}.pt"
                     command = online_command(env_id, algo, method, seed, checkpoint, run_dir, preset)
                     meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
-                            "flags": list(METHODS[method]), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
+                            "flags": method_flags(method, preset), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
                             "total_timesteps": preset.online_steps, "learning_starts": preset.learning_starts,
                             "checkpoint": str(checkpoint)}
                     runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta,
@@ -596,6 +612,9 @@ def resolve(args: Args) -> Tuple[Preset, str, str]:
     if not (preset.env_ids and preset.algos and preset.methods and preset.seeds):
         raise SystemExit("error: --env-ids, --algos, --methods and --seeds must not be empty")
     unknown = [method for method in preset.methods if method not in METHODS]
+    if unknown and unknown[0] in RETIRED_METHODS:
+        raise SystemExit(f"error: method {unknown[0]} needs {RETIRED_METHODS[unknown[0]]}, which was retired with the "
+                         "question it answered (its results stay in benchmark/results); choose another method")
     if unknown:
         raise SystemExit(f"error: unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     if preset.pretrain_seeds is not None and preset.pretrain_seeds < 1:

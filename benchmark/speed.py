@@ -88,7 +88,6 @@ class Args:
 
 
 BREAKDOWN = {"--coef-mode cvae --no-adaptive": dict(coef_mode="cvae", adaptive=False),
-             "--coef-mode cvae --cvae-update-every 2": dict(coef_mode="cvae", cvae_update_every=2),
              "--coef-mode even (Q_off, no C-VAE)": dict(coef_mode="even")}
 
 
@@ -173,16 +172,19 @@ def plain_sac_step(a: Args, device):
 
 # --- the scripts' own updates, called as their training loops call them ---
 def online_parts(module, a: Args, device, flags: dict):
-    """What every online script builds: args, critics (through its build_critics), C-VAE, replay buffer."""
+    """What every online script builds: args, critics (the online one copied into its target and Q_off), C-VAE and
+    its coefficient, replay buffer."""
     args = module.Args(batch_size=a.batch_size, **flags)
     hidden_dims = [a.hidden, a.hidden]
-    synthetic = {"critic": module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).state_dict(),
-                 "obs_dim": a.obs_dim, "act_dim": a.act_dim, "hidden_dims": hidden_dims}
-    critic, critic_target, q_offline = module.build_critics(synthetic, None, "random weights", device)
+    critic, critic_target, q_offline = (module.CriticEnsemble(a.obs_dim, a.act_dim, hidden_dims, 2).to(device)
+                                        for _ in range(3))
+    critic_target.load_state_dict(critic.state_dict())
+    q_offline.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False), q_offline.requires_grad_(False)
     cvae = module.CVAE(a.obs_dim, a.act_dim, 2 * a.act_dim, hidden_dims).to(device)
     calibration = {"neg_elbo_quantiles": torch.linspace(0.0, 10.0, 1001), "reservoir_obs": torch.randn(2048, a.obs_dim),
                    "reservoir_actions": torch.rand(2048, a.act_dim) * 2 - 1}
-    guidance = module.Guidance(args, cvae, calibration, device)
+    guidance = module.Coefficient(args, cvae, calibration, device)
     replay = module.ReplayBuffer(100_000, a.obs_dim, a.act_dim, device)
     replay.rows.normal_()
     replay.rows[:, -1] = 0.0
@@ -191,20 +193,29 @@ def online_parts(module, a: Args, device, flags: dict):
     parts = dict(args=args, critic=critic, critic_target=critic_target, q_offline=q_offline, cvae=cvae,
                  guidance=guidance, replay=replay, critic_optimizer=adam(critic.parameters(), args.critic_lr),
                  cvae_optimizer=adam(cvae.parameters(), args.cvae_lr), adam=adam, hidden_dims=hidden_dims,
-                 critic_metrics=module.MetricMeans(module.CRITIC_METRICS),
-                 actor_metrics=module.MetricMeans(module.ACTOR_METRICS), cvae_metrics=module.MetricMeans(("cvae",)),
-                 learn_cvae=args.adaptive and args.cvae_learning and args.coef_mode == "cvae",
+                 metrics=MetricSums(), learn_cvae=args.adaptive and args.coef_mode == "cvae",
                  counter=itertools.count())
     return parts
 
 
+class MetricSums:
+    """Sums the metric tensors on their device, as the scripts' Run.add does between log steps."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, name: str, values):
+        if values is not None:
+            self.sums[name] = values + self.sums.get(name, 0)
+
+
 def cvae_step(module, p, batch, td_error, num_updates):
     args = p["args"]
-    if p["learn_cvae"] and num_updates % args.cvae_update_every == 0:
-        p["cvae_metrics"].add(module.update_cvae_on_mastered(p["cvae"], p["cvae_optimizer"], batch[0], batch[1],
-                                                             td_error, args.mastered_quantile))
-        if (num_updates // args.cvae_update_every + 1) % args.recalibrate_every == 0:
-            p["guidance"].recalibrate()
+    if p["learn_cvae"]:
+        p["metrics"].add("cvae", module.update_cvae_on_mastered(p["cvae"], p["cvae_optimizer"], batch[0], batch[1],
+                                                                td_error, args.mastered_quantile))
+        if (num_updates + 1) % 50 == 0:
+            p["guidance"].rerank()
 
 
 def samg_sac_step(module, a: Args, device, flags: dict):
@@ -218,13 +229,14 @@ def samg_sac_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
-                                                       p["guidance"], log_alpha, p["critic_optimizer"], args.gamma,
-                                                       False)
-        p["critic_metrics"].add(metrics)
+        metrics, samg, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"],
+                                                          p["q_offline"], log_alpha, p["guidance"],
+                                                          p["critic_optimizer"], args, False)
+        p["metrics"].add("critic", metrics)
+        p["metrics"].add("samg", samg)
         cvae_step(module, p, batch, td_error, num_updates)
-        p["actor_metrics"].add(module.update_actor(batch[0], actor, p["critic"], log_alpha, actor_optimizer,
-                                                   alpha_optimizer, -float(a.act_dim)))
+        p["metrics"].add("actor", module.update_actor(batch[0], actor, p["critic"], log_alpha, actor_optimizer,
+                                                      alpha_optimizer, -float(a.act_dim)))
         module.soft_update(target_params, online_params, args.tau)
 
     return step
@@ -242,13 +254,14 @@ def samg_td3_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, _, td_error, _ = module.update_critic(batch, actor_target, p["critic"], p["critic_target"],
-                                                       p["q_offline"], p["guidance"], p["critic_optimizer"], args,
-                                                       False)
-        p["critic_metrics"].add(metrics)
+        metrics, samg, td_error, _ = module.update_critic(batch, actor_target, p["critic"], p["critic_target"],
+                                                          p["q_offline"], p["guidance"], p["critic_optimizer"], args,
+                                                          False)
+        p["metrics"].add("critic", metrics)
+        p["metrics"].add("samg", samg)
         cvae_step(module, p, batch, td_error, num_updates)
         if num_updates % args.policy_freq == 0:
-            p["actor_metrics"].add(module.update_actor(batch[0], actor, p["critic"], actor_optimizer))
+            p["metrics"].add("actor", module.update_actor(batch[0], actor, p["critic"], actor_optimizer))
             module.soft_update(target_params, online_params, args.tau)
 
     return step
@@ -264,12 +277,14 @@ def samg_awac_step(module, a: Args, device, flags: dict):
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"], p["q_offline"],
-                                                       p["guidance"], p["critic_optimizer"], args.gamma, False)
-        p["critic_metrics"].add(metrics)
+        metrics, samg, td_error, _ = module.update_critic(batch, actor, p["critic"], p["critic_target"],
+                                                          p["q_offline"], p["guidance"], p["critic_optimizer"], args,
+                                                          False)
+        p["metrics"].add("critic", metrics)
+        p["metrics"].add("samg", samg)
         cvae_step(module, p, batch, td_error, num_updates)
-        p["actor_metrics"].add(module.update_actor(batch[0], batch[1], actor, p["critic"], actor_optimizer, 1.0,
-                                                   args.awac_max_weight))
+        p["metrics"].add("actor", module.update_actor(batch[0], batch[1], actor, p["critic"], actor_optimizer, 1.0,
+                                                      args.awac_max_weight))
         module.soft_update(target_params, online_params, args.tau)
 
     return step
@@ -281,24 +296,23 @@ def samg_iql_step(module, a: Args, device, flags: dict):
     actor = module.GaussianActor(a.obs_dim, a.act_dim, p["hidden_dims"]).to(device)
     value = module.StateValue(a.obs_dim, p["hidden_dims"]).to(device)
     value_offline = module.StateValue(a.obs_dim, p["hidden_dims"]).to(device).requires_grad_(False)
-    value_critic, value_offline_critic = module.ValueAsCritic(value), module.ValueAsCritic(value_offline)
     actor_optimizer, value_optimizer = p["adam"](actor.parameters(), args.actor_lr), p["adam"](value.parameters(),
                                                                                                args.critic_lr)
-    value_metrics = module.MetricMeans(module.VALUE_METRICS)
     target_params, online_params = list(p["critic_target"].parameters()), list(p["critic"].parameters())
 
     def step():
         num_updates = next(p["counter"])
         batch = p["replay"].sample(args.batch_size)
-        metrics, _, td_error, _ = module.update_critic(batch, actor, p["critic"], value_critic, value_offline_critic,
-                                                       p["guidance"], p["critic_optimizer"], args.gamma, False)
-        p["critic_metrics"].add(metrics)
+        metrics, samg, td_error, _ = module.update_critic(batch, actor, p["critic"], value, value_offline,
+                                                          p["guidance"], p["critic_optimizer"], args, False)
+        p["metrics"].add("critic", metrics)
+        p["metrics"].add("samg", samg)
         cvae_step(module, p, batch, td_error, num_updates)
         value_loss, advantage = module.update_value(batch[0], batch[1], p["critic_target"], value, value_optimizer,
                                                     0.7)
-        value_metrics.add(value_loss)
-        p["actor_metrics"].add(module.update_actor(batch[0], batch[1], advantage, actor, actor_optimizer, 3.0,
-                                                   args.iql_max_weight))
+        p["metrics"].add("value", value_loss)
+        p["metrics"].add("actor", module.update_actor(batch[0], batch[1], advantage, actor, actor_optimizer, 3.0,
+                                                      args.iql_max_weight))
         module.soft_update(target_params, online_params, args.tau)
 
     return step

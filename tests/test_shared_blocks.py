@@ -6,20 +6,19 @@ import re
 from conftest import ROOT
 
 BLOCK = re.compile(r"^# --- shared: (?P<name>.+?) ---\n(?P<body>.*?)^# --- end shared ---$", re.S | re.M)
-ONLINE = ["online arguments", "environment", "networks", "{actor}", "C-VAE and p(s,a)", "SAMG target",
-          "critics, replay and the critic step", "checks, logs and progress", "checkpoint I/O", "evaluation",
-          "offline transitions", "online setup"]
+ONLINE = ["online arguments", "environment", "networks", "{actor}", "C-VAE and p(s,a)", "SAMG target", "replay",
+          "online run", "evaluation"]
 BLOCKS = {
     "pretrain_offline.py": ["environment", "networks", "tanh-Gaussian actor", "deterministic actor", "Gaussian actor",
                             "IQL value and losses", "C-VAE and p(s,a)", "checks, logs and progress", "dataset names",
-                            "offline transitions", "IQL flags", "checkpoint I/O", "evaluation"],
+                            "evaluation"],
     "make_dataset.py": ["environment", "networks", "tanh-Gaussian actor", "checks, logs and progress", "dataset names",
                         "evaluation"],
     "samg_sac.py": [name.format(actor="tanh-Gaussian actor") for name in ONLINE],
     "samg_td3.py": [name.format(actor="deterministic actor") for name in ONLINE],
     "samg_awac.py": [name.format(actor="Gaussian actor") for name in ONLINE],
-    "samg_iql.py": [name.format(actor="Gaussian actor") for name in ONLINE[:7]] + ["IQL value and losses"]
-                   + ONLINE[7:] + ["IQL flags"],
+    "samg_iql.py": [name.format(actor="Gaussian actor") for name in ONLINE[:6]] + ["IQL value and losses"]
+                   + ONLINE[6:],
 }
 
 
@@ -51,8 +50,7 @@ def test_each_script_reads_the_algorithm_before_one_plumbing_banner_and_ends_wit
         assert text.count("\n# ====") == 2, script  # the banner's two rules, once
         banner = text.index("\n# ====")
         assert text.index("\ndef main(args: Args):") < banner, script
-        assert text.rstrip().endswith("main(tyro.cli(Args))"), script
-        for name in ("checks, logs and progress", "checkpoint I/O", "offline transitions", "online setup",
-                     "dataset names", "IQL flags"):
+        assert text.rstrip().endswith(("main(tyro.cli(Args))", "run_main(main, Args)")), script
+        for name in ("checks, logs and progress", "online run", "dataset names"):
             if f"# --- shared: {name} ---" in text:
                 assert text.index(f"# --- shared: {name} ---") > banner, (script, name)
