@@ -433,7 +433,8 @@ def main(args: Args):
             run_name = f"{gym_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
             writer = open_run_log(args, run_name, vars(args))
         act_dim = env.action_space.shape[0]
-        print(f"making {', '.join(qualities)} for {gym_id} as local/{env_name}/{{quality}}-v0 on {device}")
+        ids = ", ".join(f"local/{env_name}/{quality}-v0" for quality in qualities)
+        print(f"making {', '.join(qualities)} for {gym_id} as {ids} on {device}")
         _, ref_min, ref_max = GYM_ENVS.get(env_name, (gym_id, None, None))
         if ref_min is None:
             # [our choice] envs without D4RL scores: the uniform random policy's measured mean return is the
