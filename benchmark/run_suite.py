@@ -178,6 +178,21 @@ PRESETS: Dict[str, Preset] = {
         offline_eval_freq=10_000, online_steps=20_000, learning_starts=2_000, online_eval_freq=1_000,
         eval_episodes=5,
     ),
+    # The frozen-dip question again from offline agents trained to their plateau (benchmark/results/plateau): TD3+BC
+    # on HalfCheetah medium (the data of frozen-dip) pretrained for 300k steps, the floor set for this experiment, until
+    # the pretraining curve in benchmark/results/plateau says where the score stops rising; 3 checkpoints x 3 online
+    # seeds, 20k online steps as in frozen-dip. Arms: the two baselines, the shipped default (Q_off frozen, adaptive C-VAE), the fully frozen
+    # variant and the matched constant (even's p at frozen SAMG's mean p; add others with --methods).
+    "plateau": Preset(
+        env_ids=("local/halfcheetah/medium-v0",), algos=("td3bc",),
+        methods=("none", "offline-0.5", "samg-adaptive", "samg-static", "even-0.05-static"),
+        seeds=tuple(range(1, 10)), pretrain_seeds=3,
+        dataset_args=("--total-timesteps", "150000", "--transitions", "200000", "--hidden-dims", "256", "256",
+                      "--eval-episodes", "5"),
+        pretrain_args=("--hidden-dims", "256", "256"), offline_steps=300_000, cvae_steps=10_000,
+        offline_eval_freq=50_000, online_steps=20_000, learning_starts=2_000, online_eval_freq=1_000,
+        eval_episodes=5,
+    ),
     # Hopper-v5, HalfCheetah-v5 and Walker2d-v5 from medium-replay and medium data made here by make_dataset.py
     # (SAC behaviour agent 256x256 for at most 150k steps, 200k transitions per medium set). Budgets chosen by
     # measurement on Hopper (benchmark/results/locomotion-cpu/stages.md) so that one environment takes about 2.5 h
@@ -205,7 +220,7 @@ PRESETS: Dict[str, Preset] = {
 
 @dataclass
 class Args:
-    preset: Literal["quick", "paper", "locomotion-cpu", "frozen-dip"] = "quick"
+    preset: Literal["quick", "paper", "locomotion-cpu", "frozen-dip", "plateau"] = "quick"
     """which suite to run; the flags below override its parts"""
     env_ids: Optional[Tuple[str, ...]] = None
     """dataset ids / D4RL-style names (default: the preset's); `local/...` ids are generated when missing"""
@@ -398,8 +413,8 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                     command = online_command(env_id, algo, method, seed, checkpoint, run_dir, preset)
                     meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
                             "flags": method_flags(method, preset), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
-                            "total_timesteps": preset.online_steps, "learning_starts": preset.learning_starts,
-                            "checkpoint": str(checkpoint)}
+                            "offline_steps": preset.offline_steps, "total_timesteps": preset.online_steps,
+                            "learning_starts": preset.learning_starts, "checkpoint": str(checkpoint)}
                     runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta,
                                     done_file=run_dir / "DONE"))
     return runs
