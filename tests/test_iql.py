@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import load_script, make_tiny_dataset, run_script
+from test_samg_target import TargetProbe
 
 ENV_ID = "local/hopper/medium-v0"
 QUICK = ["--env-id", ENV_ID, "--eval-episodes", "1"]
@@ -70,7 +71,7 @@ def fixed_batch(size=32):
 
 
 def target_parts(iql, familiar_everywhere=True, **args):
-    """Actor, V and V_off (different random weights) and the Guidance of samg_iql.Args(**args). With
+    """Actor, V and V_off (different random weights), the Coefficient and the Args of samg_iql.Args(**args). With
     `familiar_everywhere` the C-VAE's encoder mean is 0 for every pair, so the latent estimator's p is exactly 1."""
     torch.manual_seed(1)
     actor = iql.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
@@ -80,36 +81,61 @@ def target_parts(iql, familiar_everywhere=True, **args):
         with torch.no_grad():
             cvae.encoder[-1].weight.zero_()
             cvae.encoder[-1].bias.zero_()
-    guidance = iql.Guidance(iql.Args(**args), cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
-    return actor, value, value_offline, guidance
+    args = iql.Args(gamma=GAMMA, **args)
+    coefficient = iql.Coefficient(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
+    return actor, value, value_offline, coefficient, args
 
 
-def target(iql, actor, value, value_offline, guidance, batch):
-    return iql.iql_target(batch, actor, iql.ValueAsCritic(value), iql.ValueAsCritic(value_offline), guidance, GAMMA,
-                          diagnose=True)
+def target(iql, actor, value, value_offline, coefficient, args, batch, diagnose=True):
+    """The target update_critic regresses the critics to (read back by a TargetProbe critic), p and the metrics."""
+    probe = TargetProbe(len(batch[2]))
+    with torch.enable_grad():  # the critic step, inside tests that compute their references without gradients
+        _, metrics, _, p = iql.update_critic(batch, actor, probe, value, value_offline, coefficient,
+                                             torch.optim.SGD(probe.parameters(), lr=0.0), args, diagnose)
+    return probe.target(), p, metrics
 
 
 @torch.no_grad()
 def test_iql_target_with_p_zero_is_r_plus_gamma_v_of_the_next_state(iql):
-    actor, value, value_offline, guidance = target_parts(iql, coef_mode="none")
+    actor, value, value_offline, coefficient, args = target_parts(iql, coef_mode="none")
     batch = fixed_batch()
     obs, _, rewards, next_obs, dones = batch
-    y, p, metrics = target(iql, actor, value, value_offline, guidance, batch)
+    y, p, metrics = target(iql, actor, value, value_offline, coefficient, args, batch)
     assert torch.equal(p, torch.zeros(32))
     torch.testing.assert_close(y, rewards + GAMMA * (1.0 - dones) * value(next_obs))
     assert not torch.allclose(y, rewards + GAMMA * (1.0 - dones) * value(obs))  # V at s', not at s
     assert torch.equal(y[dones == 1], rewards[dones == 1])  # a termination stops bootstrapping
     assert metrics[4].item() == pytest.approx(value(next_obs).mean().item())  # samg/qbar_values = mean V(s')
     assert metrics[3].item() == pytest.approx(value_offline(next_obs).mean().item())  # samg/qoff_values: V_off(s')
+    assert metrics[2].item() == 0.0  # samg/target_shift: p = 0 moves no target
 
 
-@pytest.mark.parametrize("p_at", ["sample", "next", "both"])
+class Raises(torch.nn.Module):
+    """A V_off that must not be evaluated."""
+
+    def forward(self, obs):
+        raise AssertionError("V_off was evaluated")
+
+
+def test_iql_none_mode_never_evaluates_v_off_unless_diagnose_asks_for_the_metrics(iql):
+    actor, value, _, coefficient, args = target_parts(iql, coef_mode="none")
+    batch = fixed_batch()
+    y, p, metrics = target(iql, actor, value, Raises(), coefficient, args, batch, diagnose=False)
+    assert metrics is None and torch.equal(p, torch.zeros(32))
+    with torch.no_grad():
+        torch.testing.assert_close(y, batch[2] + GAMMA * (1.0 - batch[4]) * value(batch[3]))
+    with pytest.raises(AssertionError, match="V_off was evaluated"):  # samg/qoff_values needs V_off(s')
+        target(iql, actor, value, Raises(), coefficient, args, batch, diagnose=True)
+
+
+@pytest.mark.parametrize("p_at", ["sample", "next"])
 @torch.no_grad()
 def test_iql_target_with_p_one_uses_only_the_offline_value(iql, p_at):
-    actor, value, value_offline, guidance = target_parts(iql, coef_mode="cvae", p_estimator="latent", p_at=p_at)
+    actor, value, value_offline, coefficient, args = target_parts(iql, coef_mode="cvae", p_estimator="latent",
+                                                                  p_at=p_at)
     batch = fixed_batch()
     _, _, rewards, next_obs, dones = batch
-    y, p, _ = target(iql, actor, value, value_offline, guidance, batch)
+    y, p, _ = target(iql, actor, value, value_offline, coefficient, args, batch)
     torch.testing.assert_close(p, torch.ones(32))
     torch.testing.assert_close(y, rewards + GAMMA * (1.0 - dones) * value_offline(next_obs))
     assert not torch.allclose(value(next_obs), value_offline(next_obs))  # so the test tells the two apart
@@ -117,38 +143,48 @@ def test_iql_target_with_p_one_uses_only_the_offline_value(iql, p_at):
 
 @torch.no_grad()
 def test_iql_target_between_is_the_convex_mix_of_the_two_values(iql):
-    actor, value, value_offline, guidance = target_parts(iql, coef_mode="even")
+    actor, value, value_offline, coefficient, args = target_parts(iql, coef_mode="even")  # --p-at next
     batch = fixed_batch()
     _, _, rewards, next_obs, dones = batch
-    y, p, metrics = target(iql, actor, value, value_offline, guidance, batch)
+    torch.manual_seed(7)
+    y, p, metrics = target(iql, actor, value, value_offline, coefficient, args, batch)
+    after = torch.rand(())
+    torch.manual_seed(7)
+    assert torch.rand(()) == after  # a constant p needs no a' ~ pi(s'): nothing was drawn
     assert torch.equal(p, torch.full((32,), 0.5))
     v, v_off = value(next_obs), value_offline(next_obs)
     torch.testing.assert_close(y, rewards + GAMMA * (1.0 - dones) * (0.5 * v + 0.5 * v_off))
-    assert metrics[2].item() == pytest.approx((GAMMA * 0.5 * (v_off - v)).mean().item())  # samg/intrinsic
+    shift = GAMMA * (1.0 - dones) * 0.5 * (v_off - v)  # samg/target_shift: y(p) - y(p = 0), averaged
+    assert metrics[2].item() == pytest.approx(shift.mean().item())
+    assert metrics[2].item() != pytest.approx((GAMMA * 0.5 * (v_off - v)).mean().item())  # terminals add nothing
 
-    actor, value, value_offline, guidance = target_parts(iql, coef_mode="random")
-    y, p, _ = target(iql, actor, value, value_offline, guidance, batch)
+    actor, value, value_offline, coefficient, args = target_parts(iql, coef_mode="random")
+    y, p, _ = target(iql, actor, value, value_offline, coefficient, args, batch)
     assert 0.0 < p.min() and p.max() < 1.0 and p.std() > 0.1
     torch.testing.assert_close(y, rewards + GAMMA * (1.0 - dones) * ((1 - p) * v + p * v_off))
 
 
-@pytest.mark.parametrize("p_at", ["sample", "next", "both"])
+@pytest.mark.parametrize("p_at", ["sample", "next"])
 @torch.no_grad()
 def test_p_at_next_is_taken_at_the_next_state_and_an_action_the_policy_samples_there(iql, p_at):
-    """IQL's target has no next action; --p-at next evaluates the C-VAE at (s', a' ~ pi(s')) [our choice]."""
-    actor, value, value_offline, guidance = target_parts(iql, familiar_everywhere=False, coef_mode="cvae",
-                                                         p_estimator="latent", p_threshold=0.0, p_at=p_at)
+    """IQL's target has no next action; --p-at next evaluates the C-VAE at (s', a' ~ pi(s')) [our choice], and only
+    then is a' drawn (--p-at sample leaves the random stream alone)."""
+    actor, value, value_offline, coefficient, args = target_parts(iql, familiar_everywhere=False, coef_mode="cvae",
+                                                                  p_estimator="latent", p_threshold=0.0, p_at=p_at)
     batch = fixed_batch()
     obs, actions, rewards, next_obs, dones = batch
     torch.manual_seed(7)
-    y, p, _ = target(iql, actor, value, value_offline, guidance, batch)
+    y, p, _ = target(iql, actor, value, value_offline, coefficient, args, batch)
+    after = torch.rand(())
     torch.manual_seed(7)
     sampled_next_actions = actor.act(next_obs, deterministic=False)
-    p_sample = iql.p_latent(guidance.cvae, obs, actions)
-    p_next = iql.p_latent(guidance.cvae, next_obs, sampled_next_actions)
+    assert (torch.rand(()) == after) == (p_at == "next")
+    p_sample = iql.p_latent(coefficient.cvae, obs, actions)
+    p_next = iql.p_latent(coefficient.cvae, next_obs, sampled_next_actions)
     assert not torch.allclose(p_sample, p_next)
-    assert not torch.allclose(p_next, iql.p_latent(guidance.cvae, next_obs, actor.act(next_obs, deterministic=True)))
-    expected = {"sample": p_sample, "next": p_next, "both": p_sample * p_next}[p_at]
+    assert not torch.allclose(p_next, iql.p_latent(coefficient.cvae, next_obs, actor.act(next_obs,
+                                                                                         deterministic=True)))
+    expected = {"sample": p_sample, "next": p_next}[p_at]
     torch.testing.assert_close(p, expected)
     assert 0.0 < p.min() and p.max() < 1.0
     v, v_off = value(next_obs), value_offline(next_obs)
@@ -200,9 +236,9 @@ def test_offline_iql_update_computes_its_losses_from_the_values_before_its_steps
 
 
 # --- pretraining and fine-tuning, as a user runs them ---
-def test_pretraining_iql_writes_a_checkpoint_with_a_value_network_loadable_weights_only(workdir, iql):
+def test_pretraining_iql_writes_a_checkpoint_with_a_value_network_loadable_weights_only(workdir, iql, po):
     checkpoint = torch.load(checkpoint_path(workdir), weights_only=True)
-    assert checkpoint["algo"] == "iql" and set(iql.CHECKPOINT_KEYS) <= set(checkpoint)
+    assert checkpoint["algo"] == "iql" and set(po.CHECKPOINT_KEYS) <= set(checkpoint)
     assert (checkpoint["args"]["iql_expectile"], checkpoint["args"]["iql_beta"]) == (0.7, 3.0)  # locomotion values
     value = iql.StateValue(checkpoint["obs_dim"], checkpoint["hidden_dims"])
     value.load_state_dict(checkpoint["value"])
@@ -233,24 +269,28 @@ def test_pretraining_iql_on_antmaze_defaults_to_expectile_0_9_and_beta_10(tmp_pa
 def test_samg_iql_fine_tunes_past_learning_starts_without_the_dataset_and_saves_a_reloadable_model(workdir, tmp_path):
     deleted_store = workdir.parent / "offline-store"
     assert not deleted_store.exists()
-    result = run_script("samg_iql.py", *QUICK, "--total-timesteps", 400, "--learning-starts", 100, "--eval-freq", 200,
-                        "--log-freq", 100, "--qoff-refresh-every", 300, "--save-model", "--run-dir", tmp_path,
+    result = run_script("samg_iql.py", *QUICK, "--total-timesteps", 60, "--learning-starts", 20, "--eval-freq", 30,
+                        "--qoff-refresh-every", 40, "--save-model", "--run-dir", tmp_path,
                         cwd=workdir, env_overrides={"MINARI_DATASETS_PATH": str(deleted_store)})
     assert result.returncode == 0, result.stderr
     logged = scalars(tmp_path)
-    assert [step for step, _ in logged["eval/normalized_score"]] == [0, 200, 400]
+    assert [step for step, _ in logged["eval/normalized_score"]] == [0, 30, 60]
     for tag in ["losses/qf_loss", "losses/qf_values", "losses/value_loss", "losses/actor_loss", "samg/p_mean",
-                "samg/p_active_frac", "samg/intrinsic", "samg/cvae_loss", "samg/qoff_values", "samg/qbar_values"]:
-        assert [step for step, _ in logged[tag]] == [200, 300, 400], tag  # updates start after step 100
+                "samg/p_active_frac", "samg/target_shift", "samg/cvae_loss", "samg/qoff_values", "samg/qbar_values",
+                "samg/qoff_above_frac", "samg/p_q50", "samg/p_auroc"]:
+        assert [step for step, _ in logged[tag]] == [60], tag  # logged every 1000 steps and at the last
         assert all(torch.isfinite(torch.tensor(value)) for _, value in logged[tag]), tag
     assert all(0.0 <= value <= 1.0 for _, value in logged["samg/p_mean"] + logged["samg/p_active_frac"])
     for tag in ["charts/episodic_return", "charts/SPS", "eval/return"]:
         assert tag in logged, f"{tag} missing"
+    # V_off was refreshed from V at step 40; V moved on in the 20 updates since
+    assert logged["samg/qbar_values"] != logged["samg/qoff_values"]
 
     (run,) = os.listdir(tmp_path)
+    assert "__cvae-next-adaptive-refresh40__" in run
     model = torch.load(tmp_path / run / "model.pt", weights_only=True)
     offline = torch.load(checkpoint_path(workdir), weights_only=True)
-    assert model["algo"] == "iql" and model["online_steps"] == 400 and set(offline) <= set(model)
+    assert model["algo"] == "iql" and model["online_steps"] == 60 and set(offline) <= set(model)
     for network in ["actor", "critic", "value", "cvae"]:  # all four were trained online
         assert any(not torch.equal(model[network][k], offline[network][k]) for k in offline[network]), network
     result = run_script("samg_iql.py", *QUICK, "--checkpoint", tmp_path / run / "model.pt", "--total-timesteps", 2,
@@ -260,13 +300,13 @@ def test_samg_iql_fine_tunes_past_learning_starts_without_the_dataset_and_saves_
 
 @pytest.fixture(scope="module")
 def seeded_runs(workdir, tmp_path_factory):
-    """Two runs with the same seed, every step logged; V_off is refreshed from V after step 130."""
+    """Two runs with the same seed. Metrics are logged (averaged) every 1000 steps and at the last step, so step
+    1001 logs the one update after V_off was refreshed from V at step 1000; updates start after step 990."""
     runs = []
     for attempt in range(2):
         run_dir = tmp_path_factory.mktemp(f"seeded{attempt}")
-        result = run_script("samg_iql.py", *QUICK, "--total-timesteps", 160, "--learning-starts", 100,
-                            "--eval-freq", 1000, "--log-freq", 1, "--qoff-refresh-every", 130, "--run-dir", run_dir,
-                            cwd=workdir)
+        result = run_script("samg_iql.py", *QUICK, "--total-timesteps", 1001, "--learning-starts", 990,
+                            "--eval-freq", 5000, "--qoff-refresh-every", 1000, "--run-dir", run_dir, cwd=workdir)
         assert result.returncode == 0, result.stderr
         runs.append(scalars(run_dir))
     return runs
@@ -275,17 +315,18 @@ def seeded_runs(workdir, tmp_path_factory):
 def test_samg_iql_same_seed_gives_identical_losses_on_cpu(seeded_runs):
     first, second = seeded_runs
     for tag in ["losses/qf_loss", "losses/value_loss", "losses/actor_loss", "samg/p_mean", "samg/cvae_loss",
-                "charts/episodic_return"]:
+                "samg/target_shift", "eval/return", "charts/episodic_return"]:
         assert first[tag] == second[tag], tag
-    assert len(first["losses/value_loss"]) == 60 and len({value for _, value in first["losses/value_loss"]}) > 50
+    assert [step for step, _ in first["losses/value_loss"]] == [1000, 1001]
+    assert first["losses/value_loss"][0][1] != first["losses/value_loss"][1][1]
 
 
-def test_the_adaptive_refresh_copies_the_online_value_into_v_off(seeded_runs):
+def test_the_refresh_copies_the_online_value_into_v_off(seeded_runs):
     logged = {tag: dict(values) for tag, values in seeded_runs[0].items()}
     v, v_off = logged["samg/qbar_values"], logged["samg/qoff_values"]
-    assert v[130] != v_off[130]  # 30 updates of V since the start, V_off still the offline value
-    assert v[131] == v_off[131] and logged["samg/intrinsic"][131] == 0.0  # the critic's target at 131: V = V_off
-    assert v[160] != v_off[160]  # V moved on; V_off stays frozen until the next refresh
+    assert v[1000] != v_off[1000]  # updates 991-1000: V learning, V_off still the offline value
+    assert v[1001] == v_off[1001]  # the update at 1001: V_off is the V that update reads
+    assert logged["samg/p_mean"][1001] > 0 and logged["samg/target_shift"][1001] == 0.0  # so p moved no target
 
 
 # --- bad input: one sentence, a non-zero exit status, no traceback, nothing written ---
@@ -320,11 +361,11 @@ def iql_args_without(*keys):
 
 
 CHECKPOINT_CASES = [  # (key, new value or a function of the checkpoint (None removes the key), the message)
-    ("algo", "td3bc", ["td3bc checkpoint", "needs iql", "--algo iql"]),
-    ("value", None, ["has no value network", "--algo iql"]),
+    ("algo", "td3bc", ["is not a iql checkpoint", "--algo iql"]),
+    ("value", None, ["has a bad or missing value", "(iql)"]),
     ("value", lambda checkpoint: {name: weight[:1] for name, weight in checkpoint["value"].items()},
-     ["the value network in", "does not fit"]),
-    ("args", iql_args_without("iql_expectile"), ["records no usable iql_expectile (None); pass --iql-expectile"]),
+     ["the value in", "does not fit its stated sizes"]),
+    ("args", iql_args_without("iql_expectile"), ["records no iql_expectile; pass --iql-expectile"]),
 ]
 
 

@@ -39,37 +39,42 @@ def one_update(name: str) -> dict:
     module = load_script(name)
     args = module.Args(p_threshold=0.1, p_estimator="elbo")
     critic, critic_target, q_offline, cvae, calibration, batch = fixed_inputs(module, name)
-    guidance = module.Guidance(args, cvae, calibration, torch.device("cpu"))
+    coefficient = module.Coefficient(args, cvae, calibration, torch.device("cpu"))
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
     cvae_optimizer = torch.optim.Adam(cvae.parameters(), lr=1e-3)
     torch.manual_seed(2)
+    next_value, next_offline = [], []  # outputs of the modules the target's next values come from (first call)
+    if name != "samg_iql":
+        critic_target.register_forward_hook(lambda _, inputs, output: next_value.append(output.detach()))
+        q_offline.register_forward_hook(lambda _, inputs, output: next_offline.append(output.detach()))
     if name == "samg_sac":
         actor = module.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
         log_alpha = torch.tensor(-1.0, requires_grad=True)
-        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, guidance,
-                                                          log_alpha, critic_optimizer, 0.99, diagnose=True)
+        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, log_alpha,
+                                                          coefficient, critic_optimizer, args, diagnose=True)
         actor_metrics = module.update_actor(batch[0], actor, critic, log_alpha, torch.optim.Adam(actor.parameters()),
                                             torch.optim.Adam([log_alpha]), -float(ACT_DIM))
         extra = [log_alpha]
     elif name == "samg_td3":
         actor = module.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
-        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, guidance,
+        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, coefficient,
                                                           critic_optimizer, args, diagnose=True)
         actor_metrics = module.update_actor(batch[0], actor, critic, torch.optim.Adam(actor.parameters()))
         extra = []
     elif name == "samg_awac":
         actor = module.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, guidance,
-                                                          critic_optimizer, 0.99, diagnose=True)
+        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, critic_target, q_offline, coefficient,
+                                                          critic_optimizer, args, diagnose=True)
         actor_metrics = module.update_actor(batch[0], batch[1], actor, critic, torch.optim.Adam(actor.parameters()),
                                             1.0, 100.0)
         extra = []
     else:
         actor = module.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
         value, value_offline = module.StateValue(OBS_DIM, HIDDEN), module.StateValue(OBS_DIM, HIDDEN)
-        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, module.ValueAsCritic(value),
-                                                          module.ValueAsCritic(value_offline), guidance,
-                                                          critic_optimizer, 0.99, diagnose=True)
+        value.register_forward_hook(lambda _, inputs, output: next_value.append(output.detach()))
+        value_offline.register_forward_hook(lambda _, inputs, output: next_offline.append(output.detach()))
+        metrics, samg, td_error, p = module.update_critic(batch, actor, critic, value, value_offline, coefficient,
+                                                          critic_optimizer, args, diagnose=True)
         value_loss, advantage = module.update_value(batch[0], batch[1], critic_target, value,
                                                     torch.optim.Adam(value.parameters()), 0.7)
         actor_metrics = module.update_actor(batch[0], batch[1], advantage, actor, torch.optim.Adam(actor.parameters()),
@@ -77,6 +82,13 @@ def one_update(name: str) -> dict:
         extra = [value_loss, advantage]
         critic_target = value  # its step is the update to check
     cvae_loss = module.update_cvae_on_mastered(cvae, cvae_optimizer, batch[0], batch[1], td_error, 0.5)
+    # the numbers were pinned when the third SAMG metric was samg/intrinsic, gamma p (Q_off - Qbar), without the
+    # (1 - done) of samg/target_shift: that entry is recomputed from the next values the target saw
+    q_bar, q_off = (seen[0].min(0).values if seen[0].dim() == 2 else seen[0] for seen in (next_value, next_offline))
+    samg = samg.clone()
+    torch.testing.assert_close(samg[3:5], torch.stack([q_off.mean(), q_bar.mean()]))  # the hooks saw those values
+    torch.testing.assert_close(samg[2], (args.gamma * (1.0 - batch[4]) * p * (q_off - q_bar)).mean())
+    samg[2] = (args.gamma * p * (q_off - q_bar)).mean()  # samg/intrinsic, as pinned
     return {"p": float(p.double().sum()), "critic": total(critic), "actor": total(actor), "cvae": total(cvae),
             "other": total(critic_target), "metrics": [float(v) for v in torch.cat([metrics, samg]).tolist()],
             "actor_metrics": [float(v) for v in actor_metrics.reshape(-1).tolist()],

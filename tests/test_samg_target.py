@@ -1,10 +1,13 @@
 """SAMG's Bellman target and its coefficient p(s, a), on hand-made inputs with exact expected numbers.
 
-The SAMG target block is byte-identical in the four online scripts (test_shared_blocks.py), so its functions are
-taken from samg_sac.py; each script's own target (sac_target, td3_target, awac_target) is checked separately
-(iql_target in test_iql.py).
+The SAMG target block (Coefficient, guided_target, samg_metrics) is byte-identical in the four online scripts
+(test_shared_blocks.py), so its functions are taken from samg_sac.py; each script's own target, computed inside its
+update_critic, is checked separately (IQL's also in test_iql.py). update_critic does not return its target: a stand-in
+online critic (TargetProbe) whose Q is 0 reads it back from the gradient of the critic loss.
 """
+import functools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,21 +15,27 @@ import torch
 from conftest import load_script
 
 OBS_DIM, ACT_DIM, HIDDEN = 5, 2, [32, 32]
+SCRIPTS = ["sac", "td3", "awac", "iql"]
+
+
+@functools.cache
+def script(name):
+    return load_script(f"samg_{name}")
 
 
 @pytest.fixture(scope="module")
 def sac():
-    return load_script("samg_sac")
+    return script("sac")
 
 
 @pytest.fixture(scope="module")
 def td3():
-    return load_script("samg_td3")
+    return script("td3")
 
 
 @pytest.fixture(scope="module")
 def awac():
-    return load_script("samg_awac")
+    return script("awac")
 
 
 def batch(size=64, seed=0):
@@ -47,15 +56,81 @@ def certain_cvae(module):
     return cvae
 
 
-def guidance(module, cvae=None, quantiles=None, **args):
-    """The Guidance of an online script with these Args fields, ranked against `quantiles` (no reservoir)."""
+def elbo_is_squared_action_cvae(module):
+    """mu = 0, sigma = 1 (no KL) and a decoder that outputs 0: the unfamiliarity of (s, a) is |a|^2."""
+    cvae = certain_cvae(module)
+    with torch.no_grad():
+        cvae.decoder[-2].weight.zero_()
+        cvae.decoder[-2].bias.zero_()
+    return cvae
+
+
+def coefficient(module, cvae=None, quantiles=None, **args):
+    """The Coefficient of an online script with these Args fields, ranked against `quantiles` (no reservoir)."""
     calibration = {"neg_elbo_quantiles": torch.arange(10.0) if quantiles is None else quantiles}
-    return module.Guidance(module.Args(**args), cvae, calibration, torch.device("cpu"))
+    return module.Coefficient(module.Args(**args), cvae, calibration, torch.device("cpu"))
 
 
 def critics(module, seed):
     torch.manual_seed(seed)
     return module.CriticEnsemble(OBS_DIM, ACT_DIM, HIDDEN, 2)
+
+
+class TargetProbe(torch.nn.Module):
+    """A stand-in online critic with one member whose Q is 0 for every sample: the critic loss is then mean(y^2), and
+    the gradient on Q, -2 y / B, gives back (exactly, B being a power of two) the target y update_critic regressed to.
+    Its optimizer has learning rate 0, so nothing moves."""
+
+    num_critics = 1
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.zeros(1, size))
+
+    def forward(self, obs, actions):
+        return self.q
+
+    def target(self) -> torch.Tensor:
+        return -self.q.grad[0] * (self.q.shape[1] / 2)
+
+
+class Raises(torch.nn.Module):
+    """An offline critic (or V_off) that must not be evaluated."""
+
+    def forward(self, *inputs):
+        raise AssertionError("the offline critic was evaluated")
+
+
+def nets(module, seed=1):
+    """The networks update_critic reads besides the online critic: the (target) actor, the target critic and Q_off
+    (IQL: V and V_off), each with different random weights, and SAC's log alpha."""
+    torch.manual_seed(seed)
+    name = module.__name__
+    if name == "samg_iql":
+        return dict(actor=module.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN), next_value=module.StateValue(OBS_DIM, HIDDEN),
+                    offline=module.StateValue(OBS_DIM, HIDDEN))
+    actor = (module.TanhGaussianActor if name == "samg_sac" else module.DeterministicActor if name == "samg_td3"
+             else module.GaussianActor)(OBS_DIM, ACT_DIM, HIDDEN)
+    return dict(actor=actor, next_value=critics(module, seed + 1), offline=critics(module, seed + 2),
+                log_alpha=torch.tensor(-1.5))
+
+
+def critic_update(module, data, parts, coef, args, diagnose=False, seed=7):
+    """update_critic of the script with a TargetProbe as the online critic, after torch.manual_seed(seed) (so that
+    two calls draw the same a'); returns the target, p, the SAMG metrics and the losses."""
+    probe = TargetProbe(len(data[2]))
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+    actor, next_value, offline = parts["actor"], parts["next_value"], parts["offline"]
+    torch.manual_seed(seed)
+    if module.__name__ == "samg_sac":
+        losses, metrics, td_error, p = module.update_critic(data, actor, probe, next_value, offline, parts["log_alpha"],
+                                                            coef, optimizer, args, diagnose)
+    else:  # td3: the actor is the target actor; iql: next_value and offline are V and V_off
+        losses, metrics, td_error, p = module.update_critic(data, actor, probe, next_value, offline, coef, optimizer,
+                                                            args, diagnose)
+    target = probe.target()
+    assert torch.equal(td_error, target.abs()) and losses[1].item() == 0.0  # the probe's Q is 0
+    return target, p, metrics, losses
 
 
 # --- guided_target: y = r + gamma (1 - d) lerp(Qbar, Q_off, p) ---
@@ -79,8 +154,45 @@ def test_guided_target_between_zero_and_one_is_the_convex_mix(sac):
     assert y.tolist() == [7.25, 2.0, -2.0]
 
 
+# --- samg_metrics ---
+def test_samg_metrics_target_shift_is_the_mean_of_target_at_p_minus_target_at_p_zero(sac):
+    """Computed here by hand, sample by sample, from the target's definition; a terminal sample with p > 0 and
+    Q_off != Qbar must add nothing to the shift."""
+    gamma, p = 0.9, [0.0, 0.25, 0.5, 1.0, 1.0]
+    reward, done = [1.0, -2.0, 0.5, 3.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]
+    qbar, qoff = [10.0, 4.0, 7.0, -3.0, 2.0], [30.0, 8.0, -9.0, 5.0, 1.0]
+
+    def target(r, d, b, o, w):
+        return r + gamma * (1 - d) * ((1 - w) * b + w * o)
+
+    shifts = [target(*x, w) - target(*x, 0.0) for *x, w in zip(reward, done, qbar, qoff, p)]
+    assert shifts[2] == 0.0
+    metrics = sac.samg_metrics(*map(torch.tensor, (p, done)), gamma, *map(torch.tensor, (qbar, qoff)))
+    assert sac.SAMG_METRICS == ("samg/p_mean", "samg/p_active_frac", "samg/target_shift", "samg/qoff_values",
+                                "samg/qbar_values", "samg/qoff_above_frac")
+    assert metrics.tolist() == pytest.approx([sum(p) / 5, 4 / 5, sum(shifts) / 5, sum(qoff) / 5, sum(qbar) / 5,
+                                              3 / 5], abs=1e-6)
+    assert metrics[2].item() != pytest.approx(sum(gamma * w * (o - b) for w, b, o in zip(p, qbar, qoff)) / 5)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_target_shift_of_each_update_is_the_mean_difference_between_its_guided_and_plain_targets(name):
+    """Through each script's own update_critic (SAC's entropy bonus, TD3's smoothing, IQL's V), at a constant p."""
+    module, data = script(name), batch()
+    parts, runs = nets(module), {}
+    for mode in ("even", "none"):
+        args = module.Args(coef_mode=mode, even_p=0.3, gamma=0.9)
+        runs[mode] = critic_update(module, data, parts, coefficient(module, coef_mode=mode, even_p=0.3), args,
+                                   diagnose=True)
+    (guided, guided_p, metrics, _), (plain, plain_p, _, _) = runs["even"], runs["none"]
+    assert torch.all(guided_p == 0.3) and torch.all(plain_p == 0.0)
+    shift = metrics[2]
+    assert shift.abs() > 1e-3  # the guidance moved the targets
+    torch.testing.assert_close(shift, (guided - plain).mean(), rtol=1e-5, atol=1e-6)
+
+
 # --- each script's own target: p = 0 is the base algorithm, p = 1 only Q_off ---
-def sac_reference(sac, data, actor, value_critic, log_alpha, gamma):
+def sac_reference(data, actor, value_critic, log_alpha, gamma):
     obs, actions, rewards, next_obs, dones = data
     next_actions, next_log_prob, _ = actor(next_obs)
     soft_value = value_critic(next_obs, next_actions).min(0).values - log_alpha.exp() * next_log_prob
@@ -89,40 +201,33 @@ def sac_reference(sac, data, actor, value_critic, log_alpha, gamma):
 
 @pytest.mark.parametrize("coef_mode", ["none", "cvae"])
 def test_sac_target_is_the_soft_target_of_the_target_critic_at_p0_and_of_q_offline_at_p1(sac, coef_mode):
-    data = batch()
-    torch.manual_seed(1)
-    actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline, cvae = critics(sac, 2), critics(sac, 3), certain_cvae(sac)
-    log_alpha = torch.tensor(-1.5)
-    guide = guidance(sac, cvae, coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, p_at="sample")
+    data, parts = batch(), nets(sac)
+    args = sac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, p_at="sample", gamma=0.9)
+    coef = sac.Coefficient(args, certain_cvae(sac), {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
+    target, p, metrics, _ = critic_update(sac, data, parts, coef, args, diagnose=True)
     with torch.no_grad():
-        torch.manual_seed(7)
-        target, p, metrics = sac.sac_target(data, actor, critic_target, q_offline, guide, log_alpha, 0.9,
-                                            diagnose=True)
         torch.manual_seed(7)  # the same a' ~ pi(s')
-        expected = sac_reference(sac, data, actor, critic_target if coef_mode == "none" else q_offline,
-                                 log_alpha, 0.9)
+        expected = sac_reference(data, parts["actor"], parts["next_value" if coef_mode == "none" else "offline"],
+                                 parts["log_alpha"], 0.9)
     assert torch.all(p == (0.0 if coef_mode == "none" else 1.0))
     torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
-    assert (metrics[2] == 0) == (coef_mode == "none")  # samg/intrinsic
+    assert (metrics[2] == 0) == (coef_mode == "none")  # samg/target_shift
 
 
+@pytest.mark.parametrize("policy_noise", [0.2, 5.0])
 @pytest.mark.parametrize("coef_mode", ["none", "cvae"])
-def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic(td3, coef_mode):
-    data = batch()
-    torch.manual_seed(1)
-    actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline, cvae = critics(td3, 2), critics(td3, 3), certain_cvae(td3)
-    args = td3.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
-    guide = td3.Guidance(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
+def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic(td3, coef_mode, policy_noise):
+    """Target policy smoothing: noise of std --policy-noise clipped at +-0.5, the action then clipped to [-1, 1]."""
+    data, parts = batch(), nets(td3)
+    args = td3.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9, policy_noise=policy_noise)
+    coef = td3.Coefficient(args, certain_cvae(td3), {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
     obs, actions, rewards, next_obs, dones = data
+    target, p, _, _ = critic_update(td3, data, parts, coef, args)
     with torch.no_grad():
-        torch.manual_seed(7)
-        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, guide, args, diagnose=False)
         torch.manual_seed(7)  # the same smoothing noise
-        noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
-        next_actions = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
-        chosen = critic_target if coef_mode == "none" else q_offline
+        noise = (torch.randn_like(actions) * policy_noise).clamp(-0.5, 0.5)
+        next_actions = (parts["actor"](next_obs) + noise).clamp(-1.0, 1.0)
+        chosen = parts["next_value" if coef_mode == "none" else "offline"]
         expected = rewards + 0.9 * (1 - dones) * chosen(next_obs, next_actions).min(0).values
     assert torch.all(p == (0.0 if coef_mode == "none" else 1.0))
     torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
@@ -130,18 +235,15 @@ def test_td3_target_is_the_smoothed_clipped_double_q_target_of_the_chosen_critic
 
 @pytest.mark.parametrize("coef_mode", ["none", "cvae"])
 def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(awac, coef_mode):
-    data = batch()
-    torch.manual_seed(1)
-    actor = awac.GaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline, cvae = critics(awac, 2), critics(awac, 3), certain_cvae(awac)
-    guide = guidance(awac, cvae, coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0)
+    data, parts = batch(), nets(awac)
+    args = awac.Args(coef_mode=coef_mode, p_estimator="latent", p_threshold=0.0, gamma=0.9)
+    coef = awac.Coefficient(args, certain_cvae(awac), {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
     obs, actions, rewards, next_obs, dones = data
+    target, p, _, _ = critic_update(awac, data, parts, coef, args)
     with torch.no_grad():
         torch.manual_seed(7)
-        target, p, _ = awac.awac_target(data, actor, critic_target, q_offline, guide, 0.9, diagnose=False)
-        torch.manual_seed(7)
-        next_actions = actor.act(next_obs, deterministic=False)
-        chosen = critic_target if coef_mode == "none" else q_offline
+        next_actions = parts["actor"].act(next_obs, deterministic=False)
+        chosen = parts["next_value" if coef_mode == "none" else "offline"]
         expected = rewards + 0.9 * (1 - dones) * chosen(next_obs, next_actions).min(0).values
     assert torch.all(p == (0.0 if coef_mode == "none" else 1.0))
     torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
@@ -149,25 +251,37 @@ def test_awac_target_uses_a_policy_sample_and_the_chosen_critic_without_entropy(
 
 @pytest.mark.parametrize("even_p", [0.5, 0.05])
 def test_sac_target_at_a_constant_p_mixes_both_soft_targets_in_that_proportion(sac, even_p):
-    data = batch()
-    torch.manual_seed(1)
-    actor = sac.TanhGaussianActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline = critics(sac, 2), critics(sac, 3)
-    log_alpha = torch.tensor(-1.0)
+    data, parts = batch(), nets(sac)
+    parts["log_alpha"] = torch.tensor(-1.0)
+    targets = {}
+    for coef_mode in ("even", "none"):
+        args = sac.Args(coef_mode=coef_mode, even_p=even_p)
+        targets[coef_mode] = critic_update(sac, data, parts, coefficient(sac, coef_mode=coef_mode, even_p=even_p),
+                                           args)[0]
     with torch.no_grad():
-        targets = {}
-        for coef_mode in ("even", "none"):
-            torch.manual_seed(7)
-            targets[coef_mode], _, _ = sac.sac_target(data, actor, critic_target, q_offline,
-                                                      guidance(sac, coef_mode=coef_mode, even_p=even_p), log_alpha,
-                                                      0.99, diagnose=False)
         torch.manual_seed(7)
-        offline = sac_reference(sac, data, actor, q_offline, log_alpha, 0.99)
+        offline = sac_reference(data, parts["actor"], parts["offline"], parts["log_alpha"], 0.99)
     expected = (1 - even_p) * targets["none"] + even_p * offline
     torch.testing.assert_close(targets["even"], expected, rtol=1e-6, atol=1e-5)
 
 
-# --- p(s, a) ---
+@pytest.mark.parametrize("name", ["sac", "td3", "awac"])
+def test_none_mode_gives_p_zero_the_plain_target_and_never_evaluates_the_offline_critic(name):
+    module, data = script(name), batch(8)
+    parts = nets(module)
+    args = module.Args(coef_mode="none", gamma=0.9)
+    plain, p, metrics, _ = critic_update(module, data, parts, coefficient(module, coef_mode="none"), args)
+    parts_off = dict(parts, offline=Raises())
+    target, p_off, metrics_off, _ = critic_update(module, data, parts_off, coefficient(module, coef_mode="none"), args)
+    assert torch.equal(target, plain) and p_off.tolist() == [0.0] * 8 and metrics is None and metrics_off is None
+    swapped = critic_update(module, data, dict(parts, next_value=parts["offline"]),
+                            coefficient(module, coef_mode="none"), args)[0]
+    assert not torch.allclose(swapped, plain)  # the next values do come from the target critic
+    with pytest.raises(AssertionError, match="offline critic was evaluated"):  # diagnose asks for Q_off's values
+        critic_update(module, data, parts_off, coefficient(module, coef_mode="none"), args, diagnose=True)
+
+
+# --- p(s, a): Coefficient ---
 @pytest.mark.parametrize("estimator", ["latent", "elbo"])
 def test_p_lies_in_the_unit_interval_and_is_zero_below_the_threshold(sac, estimator):
     torch.manual_seed(0)
@@ -177,7 +291,9 @@ def test_p_lies_in_the_unit_interval_and_is_zero_below_the_threshold(sac, estima
     with torch.no_grad():
         p_vae = sac.p_latent(cvae, obs, actions) if estimator == "latent" else sac.p_elbo(cvae, quantiles, obs, actions)
         threshold = float(p_vae.median())
-        p = sac.samg_coefficient("cvae", estimator, threshold, cvae, quantiles, obs, actions)
+        coef = coefficient(sac, cvae, quantiles, coef_mode="cvae", p_estimator=estimator, p_threshold=threshold)
+        assert torch.equal(coef.p_vae(obs, actions), p_vae)  # p_vae is p before the threshold
+        p = coef(obs, actions)
     assert 0.0 <= float(p.min()) and float(p.max()) <= 1.0
     below = p_vae < threshold
     assert 500 < int(below.sum()) < 1500  # both sides of the threshold are exercised
@@ -195,35 +311,28 @@ def test_latent_estimator_averages_the_two_sided_prior_tail_mass_beyond_the_enco
 
 
 def test_elbo_estimator_is_the_share_of_offline_pairs_at_least_as_unusual(sac):
-    cvae = certain_cvae(sac)  # mu = 0, sigma = 1: the KL term is 0
+    cvae = elbo_is_squared_action_cvae(sac)  # mu = 0, sigma = 1: the KL term is 0; decodes to 0
     with torch.no_grad():
-        cvae.decoder[-2].weight.zero_()
-        cvae.decoder[-2].bias.zero_()  # decodes to tanh(0) = 0, so the negative ELBO is |a|^2
-        quantiles = torch.arange(10.0)  # offline negative ELBOs 0, 1, ..., 9
+        quantiles = torch.arange(10.0)  # offline unfamiliarity scores 0, 1, ..., 9
         actions = torch.tensor([[0.0, 0.0], [1.5, 1.5], [10.0, 0.0]])  # |a|^2 = 0, 4.5, 100
+        assert sac.unfamiliarity(cvae, torch.zeros(3, OBS_DIM), actions).tolist() == [0.0, 4.5, 100.0]
         p = sac.p_elbo(cvae, quantiles, torch.zeros(3, OBS_DIM), actions)
     assert p.tolist() == [1.0, 0.5, 0.0]
 
 
 def test_even_mode_gives_one_half_to_every_sample_unless_told_another_constant(sac):
-    p = sac.samg_coefficient("even", "latent", 0.9, None, None, torch.zeros(7, OBS_DIM), torch.zeros(7, ACT_DIM))
+    p = coefficient(sac, coef_mode="even", p_threshold=0.9)(torch.zeros(7, OBS_DIM), torch.zeros(7, ACT_DIM))
     assert p.tolist() == [0.5] * 7
-    p = sac.samg_coefficient("even", "latent", 0.9, None, None, torch.zeros(7, OBS_DIM), torch.zeros(7, ACT_DIM),
-                             even_p=0.05)  # below the threshold too: even is unthresholded
-    torch.testing.assert_close(p, torch.full((7,), 0.05))
-
-
-@pytest.mark.parametrize("script", ["sac", "td3", "awac", "iql"])
-def test_run_names_say_a_constant_p_other_than_the_papers_one_half(script):
-    module = load_script(f"samg_{script}")
-    assert module.method_name(module.Args(coef_mode="even", adaptive=False)) == "even-static"
-    assert module.method_name(module.Args(coef_mode="even", even_p=0.05, adaptive=False)) == "even0.05-static"
-    assert module.method_name(module.Args(coef_mode="cvae", even_p=0.05)) == "cvae-next-adaptive"
+    p = coefficient(sac, coef_mode="even", even_p=0.05, p_threshold=0.9)(torch.zeros(7, OBS_DIM),
+                                                                        torch.zeros(7, ACT_DIM))
+    torch.testing.assert_close(p, torch.full((7,), 0.05))  # below the threshold too: even is unthresholded
 
 
 def test_random_mode_draws_p_uniformly_per_sample_and_follows_the_seed(sac):
+    coef = coefficient(sac, coef_mode="random", p_threshold=0.9)
+
     def draw():
-        return sac.samg_coefficient("random", "latent", 0.9, None, None, torch.zeros(20000, OBS_DIM), None)
+        return coef(torch.zeros(20000, OBS_DIM), None)
 
     torch.manual_seed(3)
     p = draw()
@@ -233,40 +342,42 @@ def test_random_mode_draws_p_uniformly_per_sample_and_follows_the_seed(sac):
     assert abs(float(p.mean()) - 0.5) < 0.01 and abs(float((p < 0.2).float().mean()) - 0.2) < 0.01  # no threshold
 
 
-def test_none_mode_gives_zero_and_never_evaluates_the_offline_critic(sac):
-    p = sac.samg_coefficient("none", "latent", 0.2, None, None, torch.zeros(4, OBS_DIM), None)
+def test_none_mode_coefficient_is_zero_without_a_cvae(sac):
+    p = coefficient(sac, coef_mode="none")(torch.zeros(4, OBS_DIM), None)
     assert p.tolist() == [0.0] * 4
-    data, critic_target = batch(4), critics(sac, 0)
-    next_actions = torch.zeros(4, ACT_DIM)
-    with torch.no_grad():  # q_offline=None: evaluating it would fail
-        target, p, metrics = sac.samg_target(data, next_actions, 0.0, critic_target, None,
-                                             guidance(sac, coef_mode="none"), 0.9, diagnose=False)
-        expected = data[2] + 0.9 * (1 - data[4]) * critic_target(data[3], next_actions).min(0).values
-    assert torch.equal(target, expected) and p.tolist() == [0.0] * 4 and metrics is None
 
 
-# --- where p is evaluated (--p-at), the fade, and the re-ranked reference ---
-def elbo_is_squared_action_cvae(module):
-    """mu = 0, sigma = 1 (no KL) and a decoder that outputs 0: the negative ELBO of (s, a) is |a|^2."""
-    cvae = certain_cvae(module)
-    with torch.no_grad():
-        cvae.decoder[-2].weight.zero_()
-        cvae.decoder[-2].bias.zero_()
-    return cvae
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_run_names_say_the_mode_a_constant_p_other_than_one_half_and_a_refreshed_q_off(script_name):
+    module = script(script_name)
+    assert module.method_name(module.Args(coef_mode="even", adaptive=False)) == "even-static"
+    assert module.method_name(module.Args(coef_mode="even", even_p=0.05, adaptive=False)) == "even0.05-static"
+    assert module.method_name(module.Args(coef_mode="cvae", even_p=0.05)) == "cvae-next-adaptive"
+    assert module.method_name(module.Args(p_at="sample", qoff_refresh_every=300)) == "cvae-sample-adaptive-refresh300"
+    assert module.method_name(module.Args(coef_mode="none", qoff_refresh_every=300)) == "none"
+    assert module.method_name(module.Args(coef_mode="none", offline_data_ratio=0.5)) == "none-offline0.5"
 
 
-@pytest.mark.parametrize("p_at, expected_p", [("sample", [1.0, 0.5]), ("next", [0.5, 1.0]), ("both", [0.5, 0.5])])
-def test_p_at_picks_the_pair_and_the_target_mixes_with_it(sac, p_at, expected_p):
-    # against offline negative ELBOs 0..9, |a|^2 = 0 gives p = 1 and |a|^2 = 4.5 gives p = 0.5
+# --- where p is taken (--p-at) ---
+def fixed_actor(next_actions):
+    """A target actor whose action is `next_actions` at every batch of states (with --policy-noise 0)."""
+    return lambda obs: next_actions.clone()
+
+
+@pytest.mark.parametrize("p_at, expected_p", [("sample", [1.0, 0.5]), ("next", [0.5, 1.0])])
+def test_p_at_picks_the_pair_and_the_target_mixes_with_it(td3, p_at, expected_p):
+    # unfamiliarity |a|^2 against offline scores 0, 0.25, ..., 2.25: |a|^2 = 0 gives p = 1, |a|^2 = 1.125 p = 0.5
     obs, next_obs = torch.randn(2, OBS_DIM), torch.randn(2, OBS_DIM)
-    actions, next_actions = torch.tensor([[0.0, 0.0], [1.5, 1.5]]), torch.tensor([[1.5, 1.5], [0.0, 0.0]])
+    actions, next_actions = torch.tensor([[0.0, 0.0], [0.75, 0.75]]), torch.tensor([[0.75, 0.75], [0.0, 0.0]])
     data = (obs, actions, torch.tensor([1.0, -2.0]), next_obs, torch.tensor([0.0, 0.0]))
-    critic_target, q_offline = critics(sac, 2), critics(sac, 3)
-    guide = guidance(sac, elbo_is_squared_action_cvae(sac), p_at=p_at, p_estimator="elbo", p_threshold=0.0)
+    parts = dict(actor=fixed_actor(next_actions), next_value=critics(td3, 2), offline=critics(td3, 3))
+    args = td3.Args(p_at=p_at, p_estimator="elbo", p_threshold=0.0, gamma=0.9, policy_noise=0.0)
+    coef = td3.Coefficient(args, elbo_is_squared_action_cvae(td3), {"neg_elbo_quantiles": torch.arange(10.0) / 4},
+                           torch.device("cpu"))
+    target, p, metrics, _ = critic_update(td3, data, parts, coef, args, diagnose=True)
     with torch.no_grad():
-        target, p, metrics = sac.samg_target(data, next_actions, 0.0, critic_target, q_offline, guide, 0.9, True)
-        qbar = critic_target(next_obs, next_actions).min(0).values.tolist()
-        qoff = q_offline(next_obs, next_actions).min(0).values.tolist()
+        qbar = parts["next_value"](next_obs, next_actions).min(0).values.tolist()
+        qoff = parts["offline"](next_obs, next_actions).min(0).values.tolist()
     assert p.tolist() == expected_p
     by_hand = [r + 0.9 * ((1 - w) * b + w * o) for r, w, b, o in zip([1.0, -2.0], expected_p, qbar, qoff)]
     assert target.tolist() == pytest.approx(by_hand, abs=1e-5)
@@ -276,69 +387,117 @@ def test_p_at_picks_the_pair_and_the_target_mixes_with_it(sac, p_at, expected_p)
                                              abs=1e-5)
 
 
-def test_even_and_random_p_do_not_depend_on_p_at(sac):
-    data, next_actions = batch(8), torch.zeros(8, ACT_DIM)
-    for p_at in ("sample", "next", "both"):
-        p = guidance(sac, coef_mode="even", p_at=p_at).p(data, next_actions, None, None)
-        assert p.tolist() == [0.5] * 8
+@pytest.mark.parametrize("mode", ["even", "random"])
+def test_even_and_random_p_do_not_depend_on_p_at(td3, mode):
+    data, parts, ps = batch(8), nets(td3), []
+    for p_at in ("sample", "next"):
+        args = td3.Args(coef_mode=mode, p_at=p_at)
+        ps.append(critic_update(td3, data, parts, coefficient(td3, coef_mode=mode), args)[1])
+    assert torch.equal(ps[0], ps[1])
+    assert ps[0].tolist() == [0.5] * 8 if mode == "even" else ps[0].std() > 0.1
 
 
-def test_outgrown_fade_zeroes_p_where_the_online_critic_exceeds_q_off_by_more_than_its_recent_td_error(sac):
-    guide = guidance(sac, coef_mode="even", p_fade="outgrown")
-    data, next_actions = batch(3), torch.zeros(3, ACT_DIM)
-    qbar, qoff = torch.tensor([10.0, 10.0, 10.0]), torch.tensor([9.5, 8.0, 12.0])
-    assert guide.p(data, next_actions, qbar, qoff).tolist() == [0.5, 0.5, 0.5]  # no TD error seen yet: no fade
-    guide.observe(torch.tensor([1.0, 1.0]))  # the first observation sets the running mean
-    assert guide.p(data, next_actions, qbar, qoff).tolist() == [0.5, 0.0, 0.5]  # gaps 0.5, 2, -2 against 1
-    guide.observe(torch.tensor([3.0]))
-    assert guide.recent_td_error.item() == pytest.approx(1.02)
+def test_td3_p_at_next_is_taken_at_the_smoothed_action_the_target_q_values_are_taken_at(td3):
+    data, parts = batch(), nets(td3)
+    cvae = td3.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)  # untrained: p_vae differs from pair to pair
+    args = td3.Args(coef_mode="cvae", p_estimator="latent", p_threshold=0.0, gamma=0.9, p_at="next")
+    coef = td3.Coefficient(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
+    obs, actions, rewards, next_obs, dones = data
+    actor_target, critic_target, q_offline = parts["actor"], parts["next_value"], parts["offline"]
+    target, p, _, _ = critic_update(td3, data, parts, coef, args)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
+        smoothed = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
+        expected_p = td3.p_latent(cvae, next_obs, smoothed)
+        expected = rewards + 0.9 * (1 - dones) * torch.lerp(critic_target(next_obs, smoothed).min(0).values,
+                                                             q_offline(next_obs, smoothed).min(0).values, expected_p)
+        unsmoothed_p = td3.p_latent(cvae, next_obs, actor_target(next_obs))
+    torch.testing.assert_close(p, expected_p)
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(p, unsmoothed_p)  # the pair matters
 
 
-def test_linear_fade_scales_p_by_the_factor_the_loop_sets(sac):
-    guide = guidance(sac, coef_mode="even", p_fade="linear")
-    guide.scale.fill_(0.25)
-    assert guide.p(batch(2), torch.zeros(2, ACT_DIM), None, None).tolist() == [0.125, 0.125]
-
-
-def test_recalibration_keeps_p_uniform_on_the_offline_reservoir_as_the_cvae_learns(sac):
-    torch.manual_seed(0)
-    reservoir_obs = torch.randn(500, OBS_DIM)
+# --- the reference p_elbo ranks against, re-ranked as the C-VAE learns ---
+def reservoir_calibration(seed=0, size=500):
+    torch.manual_seed(seed)
+    reservoir_obs = torch.randn(size, OBS_DIM)
     reservoir_actions = torch.tanh(reservoir_obs @ torch.randn(OBS_DIM, ACT_DIM))  # learnable: a function of s
+    return {"neg_elbo_quantiles": torch.arange(10.0), "reservoir_obs": reservoir_obs,
+            "reservoir_actions": reservoir_actions}
+
+
+def test_rerank_after_cvae_steps_moves_the_reference_so_p_stays_uniform_on_the_offline_reservoir(sac):
+    calibration = reservoir_calibration()
+    reservoir = calibration["reservoir_obs"], calibration["reservoir_actions"]
     cvae = sac.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
-    calibration = {"neg_elbo_quantiles": torch.arange(10.0), "reservoir_obs": reservoir_obs,
-                   "reservoir_actions": reservoir_actions}
-    guide = sac.Guidance(sac.Args(p_estimator="elbo"), cvae, calibration, torch.device("cpu"))
+    coef = sac.Coefficient(sac.Args(p_estimator="elbo"), cvae, calibration, torch.device("cpu"))
     uniform = torch.arange(500, 0, -1) / 500  # each reservoir pair's share of pairs at least as unusual
 
     def reservoir_p():
         with torch.no_grad():
-            return sac.p_elbo(cvae, guide.neg_elbo_reference, reservoir_obs, reservoir_actions).sort(descending=True)
+            return coef.p_vae(*reservoir).sort(descending=True).values
 
-    torch.testing.assert_close(reservoir_p().values, uniform)
+    with torch.no_grad():  # ranked against the reservoir under the C-VAE it was given, not the checkpoint's quantiles
+        torch.testing.assert_close(coef.reference, sac.unfamiliarity(cvae, *reservoir).sort().values)
+    torch.testing.assert_close(reservoir_p(), uniform)
+    before, address = coef.reference.clone(), coef.reference.data_ptr()
     optimizer = torch.optim.Adam(cvae.parameters(), lr=3e-3)
-    for _ in range(300):  # the C-VAE learns (here on the reservoir itself, the worst case for a frozen reference)
-        loss = sac.cvae_loss(cvae, reservoir_obs, reservoir_actions)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    stale = reservoir_p().values
+    for _ in range(300):  # the adaptive step, here on the reservoir itself (the worst case for a frozen reference)
+        sac.update_cvae_on_mastered(cvae, optimizer, *reservoir, torch.zeros(500), 1.0)
+    assert torch.equal(coef.reference, before)  # the C-VAE's steps alone leave the reference as it was
+    stale = reservoir_p()
     assert stale.mean() > 0.9 and 0.0 <= stale.min() and stale.max() <= 1.0  # a frozen reference inflates p
-    guide.recalibrate()
-    torch.testing.assert_close(reservoir_p().values, uniform)
+    coef.rerank()
+    assert not torch.allclose(coef.reference, before)
+    with torch.no_grad():
+        torch.testing.assert_close(coef.reference, sac.unfamiliarity(cvae, *reservoir).sort().values)
+    assert coef.reference.data_ptr() == address  # in place: a compiled update (CUDA graph) sees the new values
+    torch.testing.assert_close(reservoir_p(), uniform)
 
 
+def test_without_rerank_a_static_cvae_keeps_p_fixed_and_without_a_reservoir_p_ranks_against_the_quantiles(sac):
+    """What --no-adaptive relies on: nothing but rerank moves the reference, so a C-VAE that does not learn gives each
+    pair the same p for the whole run; an older checkpoint (no reservoir) ranks against its stored quantiles."""
+    cvae, data = elbo_is_squared_action_cvae(sac), batch(16)
+    quantiles = torch.linspace(0.0, 2.0, 101)
+    coef = coefficient(sac, cvae, quantiles, p_estimator="elbo", p_threshold=0.0, adaptive=False)
+    assert coef.reservoir is None and torch.equal(coef.reference, quantiles)
+    with torch.no_grad():
+        first = coef(data[0], data[1])
+        torch.testing.assert_close(first, sac.p_elbo(cvae, quantiles, data[0], data[1]))
+        assert torch.equal(coef(data[0], data[1]), first)
+    coef = sac.Coefficient(sac.Args(adaptive=False), cvae, reservoir_calibration(), torch.device("cpu"))
+    reference = coef.reference.clone()
+    with torch.no_grad():
+        first = coef(data[0], data[1])
+        for _ in range(3):
+            assert torch.equal(coef(data[0], data[1]), first) and torch.equal(coef.reference, reference)
+        coef.rerank()  # the C-VAE did not move: re-ranking changes nothing either
+    assert torch.equal(coef.reference, reference)
+
+
+# --- replay ---
 def test_offline_data_ratio_draws_that_share_of_each_batch_from_the_offline_data(sac):
     online, offline = (sac.ReplayBuffer(10, OBS_DIM, ACT_DIM, torch.device("cpu")) for _ in range(2))
     for replay, reward in ((online, 1.0), (offline, 2.0)):
         for _ in range(10):
             replay.add(torch.zeros(OBS_DIM).numpy(), [0.0, 0.0], reward, torch.zeros(OBS_DIM).numpy(), False)
     for ratio, expected_offline in ((0.5, 128), (0.25, 64), (0.1, 26)):
-        rewards = sac.sample_batch(online, offline, 256, ratio)[2]
+        rewards = online.sample(256, offline, ratio)[2]
         assert rewards.shape == (256,) and int((rewards == 2.0).sum()) == expected_offline
-    assert (sac.sample_batch(online, None, 256, 0.0)[2] == 1.0).all()
+    assert (online.sample(256)[2] == 1.0).all() and (online.sample(256, None, 0.5)[2] == 1.0).all()
 
 
-# --- the adaptive half and the critic ensemble ---
+def test_replay_buffer_returns_what_was_stored_with_terminated_as_done(sac):
+    replay = sac.ReplayBuffer(4, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    replay.add(torch.ones(OBS_DIM).numpy(), [0.5, -0.5], 2.0, torch.full((OBS_DIM,), 3.0).numpy(), True)
+    obs, actions, rewards, next_obs, dones = replay.sample(3)
+    assert obs.tolist() == [[1.0] * OBS_DIM] * 3 and actions.tolist() == [[0.5, -0.5]] * 3
+    assert rewards.tolist() == [2.0] * 3 and next_obs.tolist() == [[3.0] * OBS_DIM] * 3 and dones.tolist() == [1.0] * 3
+
+
+# --- the adaptive half ---
 def test_cvae_learns_only_on_the_mastered_lowest_td_error_fraction(sac):
     torch.manual_seed(0)
     obs, actions = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
@@ -353,26 +512,6 @@ def test_cvae_learns_only_on_the_mastered_lowest_td_error_fraction(sac):
     expected = sac.cvae_loss(reference, obs[mastered], actions[mastered])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert not torch.equal(cvae.encoder[0].weight, reference.encoder[0].weight)  # it took a step
-
-
-def test_more_critics_than_the_checkpoint_repeat_its_members_in_turn(sac):
-    checkpoint = {"critic": critics(sac, 0).state_dict(), "obs_dim": OBS_DIM, "act_dim": ACT_DIM,
-                  "hidden_dims": HIDDEN}
-    critic, critic_target, q_offline = sac.build_critics(checkpoint, 3, "test.pt", torch.device("cpu"))
-    obs, actions = torch.randn(6, OBS_DIM), torch.zeros(6, ACT_DIM)
-    with torch.no_grad():
-        q = critic(obs, actions)
-        assert q.shape == (3, 6) and torch.equal(q[2], q[0]) and not torch.equal(q[1], q[0])
-        assert torch.equal(q_offline(obs, actions), q) and torch.equal(critic_target(obs, actions), q)
-    assert not any(w.requires_grad for w in [*critic_target.parameters(), *q_offline.parameters()])
-
-
-def test_replay_buffer_returns_what_was_stored_with_terminated_as_done(sac):
-    replay = sac.ReplayBuffer(4, OBS_DIM, ACT_DIM, torch.device("cpu"))
-    replay.add(torch.ones(OBS_DIM).numpy(), [0.5, -0.5], 2.0, torch.full((OBS_DIM,), 3.0).numpy(), True)
-    obs, actions, rewards, next_obs, dones = replay.sample(3)
-    assert obs.tolist() == [[1.0] * OBS_DIM] * 3 and actions.tolist() == [[0.5, -0.5]] * 3
-    assert rewards.tolist() == [2.0] * 3 and next_obs.tolist() == [[3.0] * OBS_DIM] * 3 and dones.tolist() == [1.0] * 3
 
 
 # --- the fast update computes what a textbook update computes ---
@@ -401,7 +540,7 @@ class PlainCritic(torch.nn.Module):
 def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided_target_computes(sac):
     """Batched critics with in-place ReLUs and a matrix-vector last layer, fused Adam, an actor loss whose backward
     stops at the actor and a fused soft update: the same numbers as separate critics, plain autograd and a loop of
-    lerps, over three updates with guidance (p from the same C-VAE at the same pairs)."""
+    lerps, over three updates with guidance (p from the same C-VAE at the same pairs, thresholded by hand)."""
     import copy
 
     data = batch(size=64, seed=3)
@@ -410,7 +549,9 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
     critic = sac.CriticEnsemble(OBS_DIM, ACT_DIM, HIDDEN, 2)
     q_offline = critics(sac, seed=5).requires_grad_(False)
     cvae = sac.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
-    guide = guidance(sac, cvae, quantiles=torch.linspace(0.0, 20.0, 101), p_threshold=0.1)
+    quantiles = torch.linspace(0.0, 20.0, 101)
+    args = sac.Args(p_threshold=0.95)  # cvae mode, elbo estimator, p at the next pair, gamma 0.99
+    coef = coefficient(sac, cvae, quantiles, p_threshold=0.95)
     results = []
     for fast in (True, False):
         torch.manual_seed(1)
@@ -423,9 +564,9 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
         plain_optimizer = torch.optim.Adam([p for q in plain for p in q.parameters()], lr=1e-3)
         for _ in range(3):
             if fast:
-                metrics, _, _, p = sac.update_critic(data, a, c, c_target, q_offline, guide, log_alpha, optimizers[1],
-                                                     0.99, diagnose=False)
-                qf_loss = metrics[0]
+                losses, _, _, p = sac.update_critic(data, a, c, c_target, q_offline, log_alpha, coef, optimizers[1],
+                                                    args, diagnose=False)
+                qf_loss = losses[0]
                 actor_loss = sac.update_actor(data[0], a, c, log_alpha, optimizers[0], optimizers[2], -ACT_DIM)[0]
                 sac.soft_update(list(c_target.parameters()), list(c.parameters()), 0.005)
                 parameters = [*c.parameters(), *c_target.parameters()]
@@ -436,8 +577,8 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
                     bonus = -log_alpha.exp() * next_log_prob
                     q_target = torch.min(*[PlainCritic(c_target, m)(next_obs, next_actions) for m in range(2)])
                     q_off = torch.min(*[PlainCritic(q_offline, m)(next_obs, next_actions) for m in range(2)])
-                    p = sac.samg_coefficient("cvae", "elbo", 0.1, cvae, guide.neg_elbo_reference, next_obs,
-                                             next_actions)
+                    p_vae = sac.p_elbo(cvae, quantiles, next_obs, next_actions)
+                    p = torch.where(p_vae >= 0.95, p_vae, torch.zeros_like(p_vae))
                     target = rewards + 0.99 * (1 - dones) * ((1 - p) * (q_target + bonus) + p * (q_off + bonus))
                 losses = [(q(obs, actions) - target).pow(2).mean() for q in plain]
                 plain_optimizer.zero_grad()
@@ -465,83 +606,74 @@ def test_the_fast_sac_update_computes_what_a_textbook_sac_update_with_the_guided
         results.append([qf_loss.detach(), actor_loss.detach(), log_alpha.detach().clone(), p,
                         *[x.detach().clone() for x in [*a.parameters(), *parameters]]])
     fast, plain = results
-    assert 0.0 < fast[3].mean() < 1.0  # guidance was mixed in, not all or nothing
+    assert (fast[3] > 0.95).any() and (fast[3] == 0).any()  # guidance was mixed in, and thresholded elsewhere
     for x, y in zip(fast, plain, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fast[4], actor.trunk[0].weight)  # it did learn
 
 
-# --- TD3's --p-next-action, and samg/p_auroc ---
-@pytest.mark.parametrize("p_next_action", ["smoothed", "deterministic"])
-def test_td3_p_next_action_takes_p_at_the_smoothed_or_the_target_policys_own_action(td3, p_next_action):
-    data = batch()
-    torch.manual_seed(1)
-    actor_target = td3.DeterministicActor(OBS_DIM, ACT_DIM, HIDDEN)
-    critic_target, q_offline = critics(td3, 2), critics(td3, 3)
-    cvae = td3.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)  # untrained: p_vae differs from pair to pair
-    args = td3.Args(coef_mode="cvae", p_estimator="latent", p_threshold=0.0, gamma=0.9, p_at="next",
-                    p_next_action=p_next_action)
-    guide = td3.Guidance(args, cvae, {"neg_elbo_quantiles": torch.arange(10.0)}, torch.device("cpu"))
-    obs, actions, rewards, next_obs, dones = data
-    with torch.no_grad():
-        torch.manual_seed(7)
-        target, p, _ = td3.td3_target(data, actor_target, critic_target, q_offline, guide, args, diagnose=False)
-        torch.manual_seed(7)
-        noise = (torch.randn_like(actions) * 0.2).clamp(-0.5, 0.5)
-        smoothed = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
-        p_pair = smoothed if p_next_action == "smoothed" else actor_target(next_obs)
-        expected_p = td3.p_latent(cvae, next_obs, p_pair)
-        # Q values are taken at the smoothed action either way
-        expected = rewards + 0.9 * (1 - dones) * torch.lerp(critic_target(next_obs, smoothed).min(0).values,
-                                                             q_offline(next_obs, smoothed).min(0).values, expected_p)
-    torch.testing.assert_close(p, expected_p)
-    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-5)
-    other = td3.p_latent(cvae, next_obs, actor_target(next_obs) if p_next_action == "smoothed" else smoothed)
-    assert not torch.allclose(p, other)  # the choice matters
+# --- samg/p_auroc (Run.log_p) ---
+class Scalars:
+    """A stand-in for the run's SummaryWriter."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def add_scalar(self, name, value, step):
+        self.logged[name] = value
 
 
-def reservoir_guidance(module, estimator):
-    """A Guidance whose C-VAE has learned a reservoir of offline pairs whose actions are a function of s."""
-    torch.manual_seed(0)
-    reservoir_obs = torch.randn(400, OBS_DIM)
-    reservoir_actions = torch.tanh(reservoir_obs @ torch.randn(OBS_DIM, ACT_DIM))
+def log_p(module, coef, p, obs):
+    """Run.log_p on a stand-in run; returns what it logged."""
+    run = SimpleNamespace(writer=Scalars())
+    module.Run.log_p(run, coef, p, obs, 1000)
+    return run.writer.logged
+
+
+def reservoir_coefficient(module, estimator):
+    """A Coefficient whose C-VAE has learned a reservoir of offline pairs whose actions are a function of s."""
+    calibration = reservoir_calibration(size=400)
+    reservoir = calibration["reservoir_obs"], calibration["reservoir_actions"]
     cvae = module.CVAE(OBS_DIM, ACT_DIM, 2 * ACT_DIM, HIDDEN)
     optimizer = torch.optim.Adam(cvae.parameters(), lr=3e-3)
     for _ in range(300):
-        loss = module.cvae_loss(cvae, reservoir_obs, reservoir_actions)
+        loss = module.cvae_loss(cvae, *reservoir)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    calibration = {"neg_elbo_quantiles": torch.arange(10.0), "reservoir_obs": reservoir_obs,
-                   "reservoir_actions": reservoir_actions}
-    return module.Guidance(module.Args(p_estimator=estimator), cvae, calibration, torch.device("cpu"))
+    return module.Coefficient(module.Args(p_estimator=estimator), cvae, calibration, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("estimator", ["elbo", "latent"])
-def test_separation_is_the_auroc_of_p_vae_on_offline_pairs_against_random_actions(sac, estimator):
-    guide = reservoir_guidance(sac, estimator)
-    obs = torch.randn(128, OBS_DIM)
+def test_p_auroc_is_the_auroc_of_p_vae_on_offline_pairs_against_random_actions(sac, estimator):
+    coef = reservoir_coefficient(sac, estimator)
+    obs, p = torch.randn(128, OBS_DIM), torch.linspace(0.0, 1.0, 128)
     torch.manual_seed(5)
-    auroc = sac.p_separation(guide, obs)
+    logged = log_p(sac, coef, p, obs)
     after = torch.rand(())
     torch.manual_seed(5)
-    assert torch.rand(()) == after  # separation drew nothing from training's random stream
+    assert torch.rand(()) == after  # the probe drew nothing from training's random stream
+    assert [logged[f"samg/p_q{q}"] for q in (10, 50, 90)] == pytest.approx([0.1, 0.5, 0.9], abs=1e-6)
     # the same random actions (its own generator, seeded 0), scored with the estimator and a plain double loop
     random_actions = torch.rand(128, ACT_DIM, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
     with torch.no_grad():
         if estimator == "latent":
-            familiar = sac.p_latent(guide.cvae, *guide.reservoir)
-            novel = sac.p_latent(guide.cvae, obs, random_actions)
+            familiar = sac.p_latent(coef.cvae, *coef.reservoir)
+            novel = sac.p_latent(coef.cvae, obs, random_actions)
         else:
-            familiar = sac.p_elbo(guide.cvae, guide.neg_elbo_reference, *guide.reservoir)
-            novel = sac.p_elbo(guide.cvae, guide.neg_elbo_reference, obs, random_actions)
+            familiar = sac.p_elbo(coef.cvae, coef.reference, *coef.reservoir)
+            novel = sac.p_elbo(coef.cvae, coef.reference, obs, random_actions)
     wins = sum(1.0 if f > n else 0.5 if f == n else 0.0 for f in familiar.tolist() for n in novel.tolist())
-    assert auroc.item() == pytest.approx(wins / (len(familiar) * len(novel)), abs=1e-6)
-    assert auroc.item() > 0.6  # a C-VAE that learned the offline pairs ranks them above random actions
+    assert logged["samg/p_auroc"] == pytest.approx(wins / (len(familiar) * len(novel)), abs=1e-6)
+    assert logged["samg/p_auroc"] > 0.6  # a C-VAE that learned the offline pairs ranks them above random actions
 
 
-def test_separation_is_one_half_when_p_cannot_tell_and_nan_without_a_reservoir(sac):
-    guide = reservoir_guidance(sac, "latent")
-    guide.cvae = certain_cvae(sac)  # p_vae = 1 for every pair: all ties
-    assert sac.p_separation(guide, torch.randn(64, OBS_DIM)).item() == 0.5
-    assert math.isnan(sac.p_separation(guidance(sac, certain_cvae(sac)), torch.randn(8, OBS_DIM)).item())
+def test_p_auroc_is_one_half_when_p_cannot_tell_and_absent_without_a_reservoir_or_outside_cvae_mode(sac):
+    coef = reservoir_coefficient(sac, "latent")
+    coef.cvae = certain_cvae(sac)  # p_vae = 1 for every pair: all ties
+    p, obs = torch.rand(64), torch.randn(64, OBS_DIM)
+    assert log_p(sac, coef, p, obs)["samg/p_auroc"] == 0.5
+    logged = log_p(sac, coefficient(sac, certain_cvae(sac)), p, obs)  # an older checkpoint: no reservoir
+    assert "samg/p_auroc" not in logged and "samg/p_q50" in logged
+    coef.mode = "even"
+    assert "samg/p_auroc" not in log_p(sac, coef, p, obs)
