@@ -259,7 +259,8 @@ class Coefficient:
 
     @torch.no_grad()
     def rerank(self):
-        self.reference.copy_(unfamiliarity(self.cvae, *self.reservoir).sort().values)
+        if self.reservoir is not None:  # without one, the fixed quantiles stay (a static C-VAE only)
+            self.reference.copy_(unfamiliarity(self.cvae, *self.reservoir).sort().values)
 
     def p_vae(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         if self.estimator == "latent":
@@ -532,14 +533,21 @@ def read_checkpoint(args, algo: str):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         fail(f"{path} is not a readable checkpoint ({type(exc).__name__}); write it again with pretrain_offline.py")
-    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != algo:
-        fail(f"{path} is not a {algo} checkpoint; make one with "
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "samg-offline-1":
+        fail(f"{path} is not a checkpoint of pretrain_offline.py (format samg-offline-1); write it again with that")
+    if checkpoint.get("algo") != algo:
+        fail(f"{path} was pretrained with --algo {checkpoint.get('algo')} but this script needs {algo}; pretrain with "
              f"`python pretrain_offline.py --env-id {args.env_id} --algo {algo} --seed {args.seed}`")
     for key, test, what in CHECKPOINT_FIELDS:
         with contextlib.suppress(Exception):  # a missing key, a list where a dict belongs: not passed
             if test(checkpoint):
                 continue
         fail(f"{path} has a bad or missing {key} (it must be {what}); write it again with pretrain_offline.py")
+    buffer_bytes, memory = 4 * args.total_timesteps * (2 * checkpoint["obs_dim"] + checkpoint["act_dim"] + 2), (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if buffer_bytes > memory:  # the replay buffer holds every online step
+        fail(f"--total-timesteps {args.total_timesteps} needs a replay buffer of {buffer_bytes / 2**30:.3g} GiB, more "
+             f"than the {memory / 2**30:.0f} GiB of this machine")
     if args.coef_mode == "cvae" and args.adaptive and "reservoir_obs" not in checkpoint["cvae_calibration"]:
         fail(f"{path} has no reservoir of offline pairs to rank an adaptive C-VAE's p against; pass --no-adaptive "
              "or pretrain again")
