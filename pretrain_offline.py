@@ -318,8 +318,9 @@ def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tenso
 
 
 def p_elbo(cvae: CVAE, reference: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Share of offline pairs at most as familiar as (s, a): `reference` holds the sorted unfamiliarity scores of
-    offline pairs (or quantiles of them)."""
+    """p as a rank: the share of offline pairs whose unfamiliarity is at least that of (s, a). 1 for a pair more
+    familiar than all of them, 0 for one stranger than all; over offline pairs p is uniform on [0, 1], whatever the
+    scale of the scores. `reference` holds the sorted scores of offline pairs (or quantiles of them)."""
     below = torch.searchsorted(reference, unfamiliarity(cvae, obs, action).contiguous())
     return 1.0 - below.to(obs.dtype) / reference.numel()
 # --- end shared ---
@@ -664,19 +665,30 @@ def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
 
 
 STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_as_on_ctrl_c(number, frame):
-    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
+    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does. The
+    signals after the first are ignored (a second Ctrl-C, a job manager that signals every process of a job), so that
+    they cannot cut the stopping short: its saving, its one line, the interpreter's exit."""
     STOPPED_BY[0] = number
+    ignore_stop_signals()
     raise KeyboardInterrupt
+
+
+def ignore_stop_signals():
+    """From here on Ctrl-C, SIGTERM and SIGHUP are ignored: once a run stops, or once it begins its final writes."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def handle_interrupts():
     """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
     sys.excepthook = exit_quietly_on_interrupt
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, stop_as_on_ctrl_c)
+    for number in STOP_SIGNALS:  # Ctrl-C unless it was ignored when the process started (a background job)
+        if number != signal.SIGINT or signal.getsignal(number) is signal.default_int_handler:
+            signal.signal(number, stop_as_on_ctrl_c)
     # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
 
@@ -694,26 +706,47 @@ def exit_quietly_on_interrupt(exc_type, exc, traceback):
     sys.__excepthook__(exc_type, exc, traceback)
 
 
-def process_alive(pid: int) -> bool:
+def this_host() -> str:
+    """The machine, filename-safe, and its PID namespace unless it is the machine's own (a container that shares the
+    host name): the place where a process id means one process."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename) or "localhost"
+    with contextlib.suppress(OSError):
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        host += "" if namespace == 0xEFFFFFFC else f"+pid{namespace}"  # 0xEFFFFFFC: every Linux machine's own
+    return host
+
+
+HOST = this_host()
+WRITER = f"{os.getpid()}@{HOST}"  # names what a run stages, in places that runs of several nodes may share
+ABANDONED_AFTER = 7 * 86_400  # [our choice] seconds: a staged write lasts minutes, one untouched for a week is garbage
+
+
+def left_by_dead_writer(path: str, match: re.Match) -> bool:
+    """Whether the staged write at `path`, whose name `match` reads (groups `pid` and `host`, the writer's), is what
+    a killed run left: one of this host's processes that no longer runs, or, whatever its host, untouched for
+    ABANDONED_AFTER. Another host's process ids mean nothing here, and a name without a host (an older version's)
+    may be another host's: only their age tells."""
     try:
-        os.kill(pid, 0)
+        if time.time() - os.lstat(path).st_mtime > ABANDONED_AFTER:
+            return True
+        os.kill(int(match["pid"]), 0) if match["host"] == HOST else None
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
+    except OSError:  # gone meanwhile; a process of another user (PermissionError)
+        return False
+    return match["host"] == HOST and int(match["pid"]) == os.getpid()  # our pid: an earlier life (before a reboot)
 
 
 def remove_dead_leftovers(directory: str, pattern: re.Pattern):
-    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
-    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
+    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches and that
+    left_by_dead_writer finds abandoned."""
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
-        match = pattern.fullmatch(name)
-        if match and not process_alive(int(match["pid"])):
-            path = os.path.join(directory, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        match, path = pattern.fullmatch(name), os.path.join(directory, name)
+        if match and left_by_dead_writer(path, match):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another run
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:

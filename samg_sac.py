@@ -10,9 +10,12 @@ Bellman target through a coefficient p(s, a) in [0, 1] from a conditional VAE of
 
 Familiar pairs lean on Q_off; pairs unlike the offline data (p below --p-threshold) get the plain SAC target.
 The defaults are the paper's SAMG as its abstract describes it: Q_off is frozen for the whole run, and p adapts: the
-C-VAE keeps learning on the online pairs the critic already fits ("mastered"). --no-adaptive freezes the C-VAE too;
+C-VAE keeps learning on the online pairs the critic already fits ("mastered"). Where the paper is silent the defaults
+are ours, marked [our choice]: p is taken at the next pair, and it is a rank (the share of offline pairs the C-VAE
+finds less familiar), so that it means the same as the C-VAE learns. --no-adaptive freezes the C-VAE too;
 --coef-mode even / random / none are the paper's ablations and plain fine-tuning. The replay buffer holds online data
-only: the offline dataset is never read, except by --offline-data-ratio (the baseline that keeps it).
+only; of the offline data the checkpoint carries a sample of 2048 (s, a) pairs, used only to rank p against. The
+dataset itself is never read, except by --offline-data-ratio (the baseline that keeps it).
 """
 import contextlib
 import dataclasses
@@ -64,9 +67,9 @@ class OnlineArgs:
     even_p: float = 0.5
     """even: the constant p (0.5 is the paper's ablation)"""
     p_at: Literal["sample", "next"] = "next"
-    """the pair p is taken at: next (s', a'), whose Q_off value enters the target, or sample (s, a) [our choice]"""
+    """the pair p is taken at: next (s', a'), whose Q_off value enters the target [our choice], or sample (s, a)"""
     p_estimator: Literal["elbo", "latent"] = "elbo"
-    """p_vae from the C-VAE: elbo (rank among offline negative ELBOs) or latent (encoder tail mass) [our choice]"""
+    """p_vae from the C-VAE: elbo (its rank among offline pairs) [our choice], or latent (encoder tail mass)"""
     p_threshold: float = 0.2
     """p = p_vae if p_vae >= p_threshold else 0: pairs unlike the offline data get no offline guidance"""
     adaptive: bool = True
@@ -244,8 +247,9 @@ def p_latent(cvae: CVAE, obs: torch.Tensor, action: torch.Tensor) -> torch.Tenso
 
 
 def p_elbo(cvae: CVAE, reference: torch.Tensor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Share of offline pairs at most as familiar as (s, a): `reference` holds the sorted unfamiliarity scores of
-    offline pairs (or quantiles of them)."""
+    """p as a rank: the share of offline pairs whose unfamiliarity is at least that of (s, a). 1 for a pair more
+    familiar than all of them, 0 for one stranger than all; over offline pairs p is uniform on [0, 1], whatever the
+    scale of the scores. `reference` holds the sorted scores of offline pairs (or quantiles of them)."""
     below = torch.searchsorted(reference, unfamiliarity(cvae, obs, action).contiguous())
     return 1.0 - below.to(obs.dtype) / reference.numel()
 # --- end shared ---
@@ -604,7 +608,7 @@ def make_checked_env(checkpoint: dict, seed: int, path: str):
 
 def offline_replay(checkpoint: dict, device: torch.device) -> ReplayBuffer:
     """--offline-data-ratio: the checkpoint's dataset with the checkpoint's transforms (states normalised, actions in
-    [-1, 1], training rewards). The only place an online script reads offline data."""
+    [-1, 1], training rewards). The only place an online script reads the offline dataset."""
     try:
         import minari
 
