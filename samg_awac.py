@@ -393,7 +393,8 @@ def update_actor(obs, actions, actor, critic, actor_optimizer, awac_lambda: floa
 
 def main(args: Args):
     checkpoint, path = read_checkpoint(args, OFFLINE_ALGO)
-    env, eval_env = make_checked_env(checkpoint, args.seed, path), make_checked_env(checkpoint, args.seed + 10_000, path)
+    env = make_checked_env(checkpoint, args.seed, path)
+    eval_env = make_checked_env(checkpoint, args.seed + 10_000, path)  # evaluations start from other seeds
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -520,7 +521,8 @@ CHECKPOINT_FIELDS = (  # (key, test of the checkpoint c, what the key must be), 
     ("critic", lambda c: all(isinstance(c[k], dict) for k in ("actor", "critic", "cvae", "cvae_calibration"))
      and numbers(c["critic"]["net.0.weight"], -1, -1, -1), "a state dict, as actor, cvae and cvae_calibration"),
     ("cvae_calibration", lambda c: numbers(c["cvae_calibration"]["neg_elbo_quantiles"], -1) and (
-        "reservoir_obs" not in c["cvae_calibration"] or numbers(c["cvae_calibration"]["reservoir_obs"], -1, c["obs_dim"])
+        "reservoir_obs" not in c["cvae_calibration"]
+        or numbers(c["cvae_calibration"]["reservoir_obs"], -1, c["obs_dim"])
         and numbers(c["cvae_calibration"]["reservoir_actions"], -1, c["act_dim"])), "quantiles and offline pairs"),
     ("log_alpha", lambda c: c["algo"] != "cql" or numbers(torch.as_tensor(c["log_alpha"]).reshape(-1), 1),
      "a number (cql)"),
@@ -723,7 +725,8 @@ class Run:
         else:
             reason, self.status = str(stop) if isinstance(stop, FloatingPointError) else (
                 f"could not write {stop.filename or 'the run log'} ({stop.strerror or stop})"), 1
-        print(f"stopped at step {step}: {reason}; keeping the logs" + " and the model" * self.args.save_model, flush=True)
+        keeping = "the logs and the model" if self.args.save_model else "the logs"
+        print(f"stopped at step {step}: {reason}; keeping {keeping}", flush=True)
 
     def finish(self, step: int, networks: dict, *envs, **tensors):
         """With --save-model, model.pt: the checkpoint's keys with the fine-tuned networks in place of the offline

@@ -69,7 +69,8 @@ SCORE_TAG = "eval/normalized_score"
 EXPORT_TAGS = (
     "eval/normalized_score", "eval/return", "eval/success", "charts/episodic_return", "losses/qf_loss",
     "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/value_loss", "samg/p_mean", "samg/p_active_frac",
-    "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "samg/intrinsic", "samg/target_shift", "samg/cvae_loss",
+    "samg/qoff_values", "samg/qbar_values", "samg/qoff_above_frac", "samg/intrinsic", "samg/target_shift",
+    "samg/cvae_loss",
     "samg/p_q10", "samg/p_q50", "samg/p_q90", "samg/p_auroc",
 )
 METHOD_ORDER = ["samg", "samg-next", "samg-sample", "samg-both", "samg-static", "samg-static-sample",

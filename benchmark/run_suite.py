@@ -181,8 +181,9 @@ PRESETS: Dict[str, Preset] = {
     # The frozen-dip question again from offline agents trained to their plateau (benchmark/results/plateau): TD3+BC
     # on HalfCheetah medium (the data of frozen-dip) pretrained for 300k steps, the floor set for this experiment, until
     # the pretraining curve in benchmark/results/plateau says where the score stops rising; 3 checkpoints x 3 online
-    # seeds, 20k online steps as in frozen-dip. Arms: the two baselines, the shipped default (Q_off frozen, adaptive C-VAE), the fully frozen
-    # variant and the matched constant (even's p at frozen SAMG's mean p; add others with --methods).
+    # seeds, 20k online steps as in frozen-dip. Arms: the two baselines, the shipped default (Q_off frozen, adaptive
+    # C-VAE), the fully frozen variant and the matched constant (even's p at frozen SAMG's mean p; add others with
+    # --methods).
     "plateau": Preset(
         env_ids=("local/halfcheetah/medium-v0",), algos=("td3bc",),
         methods=("none", "offline-0.5", "samg-adaptive", "samg-static", "even-0.05-static"),
@@ -412,7 +413,8 @@ def plan(preset_name: str, preset: Preset, runs_dir: str, checkpoint_dir: str) -
                     checkpoint = Path(checkpoint_dir) / f"{pretrain_id}.pt"
                     command = online_command(env_id, algo, method, seed, checkpoint, run_dir, preset)
                     meta = {"suite": preset_name, "env_id": env_id, "algo": algo, "method": method,
-                            "flags": method_flags(method, preset), "seed": seed, "checkpoint_seed": checkpoint_seed(seed),
+                            "flags": method_flags(method, preset), "seed": seed,
+                            "checkpoint_seed": checkpoint_seed(seed),
                             "offline_steps": preset.offline_steps, "total_timesteps": preset.online_steps,
                             "learning_starts": preset.learning_starts, "checkpoint": str(checkpoint)}
                     runs.append(Run(run_id, "online", command, [pretrain_id], [run_dir / "DONE"], run_dir, meta,
