@@ -504,6 +504,7 @@ def main(args: Args):
             descriptions[dataset_id] = (algorithm, f"D4RL-style {env_name} {quality} data on {gym_id}: {source}; "
                                                    f"made by make_dataset.py with seed {args.seed}")
 
+    ignore_stop_signals()  # the data is collected: from here on no signal (nor a second one) cuts its writing short
     # the registered spec: env.spec would carry make_env's render_mode=None into the dataset's kwargs
     write_datasets(store, datasets, descriptions, gym.spec(gym_id), ref_min, ref_max, args.overwrite)
     print(f"\nreference scores: min {ref_min:.2f}, max {ref_max:.2f}; done in {duration(time.time() - start_time)}")
@@ -569,19 +570,27 @@ def check_writable(directory: str, flag_name: str, needed_bytes: int = 1 << 20):
 
 
 STOPPED_BY = [signal.SIGINT]  # the signal that stops the run; the exit status is 128 + its number (130, 143, 129)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_as_on_ctrl_c(number, frame):
     """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
     STOPPED_BY[0] = number
+    ignore_stop_signals()  # the signals after it (a second Ctrl-C, a job manager's to each process) cannot cut it short
     raise KeyboardInterrupt
+
+
+def ignore_stop_signals():  # from here on: once a run stops, or once it begins its final writes
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def handle_interrupts():
     """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
     sys.excepthook = exit_quietly_on_interrupt
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, stop_as_on_ctrl_c)
+    for number in STOP_SIGNALS:  # Ctrl-C too, unless it is ignored from the start (a background job)
+        if number != signal.SIGINT or signal.getsignal(number) is signal.default_int_handler:
+            signal.signal(number, stop_as_on_ctrl_c)
     # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
 
@@ -599,26 +608,25 @@ def exit_quietly_on_interrupt(exc_type, exc, traceback):
     sys.__excepthook__(exc_type, exc, traceback)
 
 
-def process_alive(pid: int) -> bool:
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename)  # and its PID namespace unless the machine's (0xEFFFFFFC)
+with contextlib.suppress(OSError):
+    HOST += "" if os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC else f"+pid{os.stat('/proc/self/ns/pid').st_ino}"
+WRITER = f"{os.getpid()}@{HOST}"  # names staged writes: several nodes may share a place, and a pid means one on a host
+
+
+def left_by_dead_writer(path: str, match: re.Match) -> bool:
+    """Whether `path`, staged by the writer its name's `match` reads (groups `pid`, `host`), was left by a killed run:
+    a process of this host that no longer runs or, whatever its host (none: an older version's), a week ago."""
     try:
-        os.kill(pid, 0)
+        abandoned = time.time() - os.lstat(path).st_mtime > 7 * 86_400  # [our choice]: a staged write lasts minutes
+        if abandoned or match["host"] != HOST:  # another host's process ids mean nothing here
+            return abandoned
+        os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return pid != os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
-
-
-def remove_dead_leftovers(directory: str, pattern: re.Pattern):
-    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches with the
-    group `pid` of a process that no longer runs (a write staged under the writer's process id)."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        match = pattern.fullmatch(name)
-        if match and not process_alive(int(match["pid"])):
-            path = os.path.join(directory, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    except OSError:  # gone meanwhile; another user's process (PermissionError)
+        return False
+    return int(match["pid"]) == os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
@@ -719,12 +727,6 @@ def version_error(name: str) -> Optional[str]:
 
 
 LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
-ACCEPTED_IDS = (
-    "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
-    f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
-    f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
-    f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
-)
 # --- end shared ---
 
 
@@ -776,7 +778,9 @@ D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 D4RL_LOCOMOTION = tuple(name for name, (_, ref_min, _) in GYM_ENVS.items() if ref_min is not None)
 
 
-STAGING_PREFIX = ".make_dataset-"  # hidden folders of the Minari store where new datasets are built
+STAGING = re.compile(r"\.make_dataset-(?P<pid>\d+)(@(?P<host>.+))?")  # hidden folders of the store where runs build
+REMOVED = ("another process removed {} while this run wrote into it (another job sharing this store, a cleanup?); the "
+           "store was left as it was: run again")
 
 
 def env_name_of(gym_id: str) -> str:
@@ -833,8 +837,7 @@ def make_checked_env(gym_id: str, seed: int) -> gym.Env:
 
 
 def minari_store() -> Path:
-    """The Minari store's folder, as minari finds it, without minari's own makedirs (which would raise a traceback
-    on a blocked place)."""
+    """The Minari store's folder, as minari finds it, without minari's makedirs (a traceback on a blocked place)."""
     return Path(os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
 
 
@@ -958,9 +961,9 @@ def d4rl_transitions(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 # --- writing into the Minari store: build everything aside, then swap it in at once ---
-# A run builds its datasets in {store}/.make_dataset-{pid}/new. The swap moves each dataset it replaces to .../old
-# and the new one into place, with Ctrl-C held back, and `swap` lists the ids while it runs: a run killed outright
-# (SIGKILL, power loss) in the middle leaves that list, and the next run puts the old datasets back.
+# A run builds its datasets in {store}/.make_dataset-{WRITER}/new. The swap moves each dataset it replaces to .../old
+# and the new one into place, and `swap` lists the ids while it runs: a run killed outright (SIGKILL, power loss) in
+# the middle leaves that list, and the next run of its host (or any, a week later) puts the old datasets back.
 @contextlib.contextmanager
 def interrupts_held():
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP during the block are remembered and take effect when it is done. (Handlers, not
@@ -991,10 +994,9 @@ def roll_back(store: Path, staging: Path, dataset_ids: List[str]):
 
 def recover_killed_writes(store: Path):
     """Cleans up after runs that were killed outright while writing: datasets they were replacing are restored."""
-    for staging in sorted(store.glob(STAGING_PREFIX + "*")):
-        pid = staging.name[len(STAGING_PREFIX):]
-        if not pid.isdigit() or process_alive(int(pid)):
-            continue  # another run at work
+    for staging in sorted(store.glob(".make_dataset-*")):
+        if not (match := STAGING.fullmatch(staging.name)) or not left_by_dead_writer(str(staging), match):
+            continue  # another run at work (here or on another node sharing this store)
         swap = staging / "swap"
         with interrupts_held():
             if swap.exists():
@@ -1005,8 +1007,8 @@ def recover_killed_writes(store: Path):
                     fail(f"a killed make_dataset.py run left {', '.join(dataset_ids)} half-replaced and they could "
                          f"not be restored ({exc.strerror}); move the folders under {staging / 'old'} back by hand")
                 swap.unlink()
-                print(f"restored {', '.join(dataset_ids)}, which a killed make_dataset.py run (process {pid}) was "
-                      f"replacing", flush=True)
+                print(f"restored {', '.join(dataset_ids)}, which a killed make_dataset.py run (process "
+                      f"{staging.name.partition('-')[2]}) was replacing", flush=True)
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -1059,8 +1061,9 @@ def swap_in(store: Path, staging: Path, dataset_ids: List[str], overwrite: bool 
                 os.rename(staging / "new", kept)
                 fail(f"{exc.filename} was written by another run while this one worked, so nothing was replaced; this "
                      f"run's datasets are kept in {kept} (move them into the store by hand to use them)")
-            fail(f"could not move the new datasets into {store} ({exc.strerror or type(exc).__name__}); the "
-                 f"datasets there were kept as they were")
+            removed = isinstance(exc, FileNotFoundError) and str(staging) in str(exc.filename)
+            fail(REMOVED.format(staging) if removed else f"could not move the new datasets into {store} "
+                 f"({exc.strerror or type(exc).__name__}); the datasets there were kept as they were")
         (staging / "swap").unlink()  # done: from here on the backups are garbage
     for namespace in sorted({dataset_id.rsplit("/", 1)[0] for dataset_id in dataset_ids}):
         if namespace not in list_local_namespaces():
@@ -1080,7 +1083,7 @@ def write_datasets(store: Path, datasets: Dict[str, List[EpisodeBuffer]], descri
                    env_spec, ref_min: float, ref_max: float, overwrite: bool = True):
     """Builds every dataset aside, then swaps them all in: a failed or interrupted run changes nothing in the
     store, and a dataset being overwritten stays intact until its replacement is complete."""
-    staging = store / f"{STAGING_PREFIX}{os.getpid()}"
+    staging = store / f".make_dataset-{WRITER}"
     size = sum(array.nbytes for episodes in datasets.values() for episode in episodes
                for array in (episode.observations, episode.actions, episode.rewards))
     check_writable(str(store), "MINARI_DATASETS_PATH", 2 * size + (16 << 20))  # HDF5's overhead: under 2x
@@ -1091,11 +1094,12 @@ def write_datasets(store: Path, datasets: Dict[str, List[EpisodeBuffer]], descri
                 stage_dataset(staging / "new", dataset_id, episodes, env_spec, ref_min, ref_max,
                               *descriptions[dataset_id])
         except Exception as exc:  # h5py reports a full disk as an OSError, a ValueError or a RuntimeError
-            shutil.rmtree(staging, ignore_errors=True)
             reason = "No space left on device" if "errno = 28" in str(exc) else (
                 getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200])
-            abandon(f"could not write the datasets into {staging} ({reason}); the store was left as it was: free "
-                    "some space and run again")
+            removed = isinstance(exc, FileNotFoundError)  # a folder of this run's staging is gone
+            shutil.rmtree(staging, ignore_errors=True)
+            abandon(REMOVED.format(staging) if removed else f"could not write the datasets into {staging} ({reason}); "
+                    "the store was left as it was: free some space and run again")
         swap_in(store, staging, list(datasets), overwrite)
     finally:
         if not (staging / "swap").exists():  # else a failed roll-back left the old datasets there

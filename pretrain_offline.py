@@ -599,6 +599,7 @@ def main(args: Args):
         fail(f"stopped at step {step}: could not write {exc.filename or 'the run log'} ({exc.strerror or exc}); no "
              f"checkpoint written: free some space in {args.run_dir} or choose another --run-dir")
 
+    ignore_stop_signals()  # the run is done: from here on no signal (nor a second one) cuts its checkpoint short
     calibration = calibrate_cvae(cvae, obs_t, actions_t)  # what p is ranked against online
     write_checkpoint(checkpoint_path, args, dataset_id, data, nets, calibration, score,
                      dict(obs_mean=obs_mean, obs_std=obs_std, reward_scale=reward_scale, reward_bias=reward_bias))
@@ -669,16 +670,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_as_on_ctrl_c(number, frame):
-    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does. The
-    signals after the first are ignored (a second Ctrl-C, a job manager that signals every process of a job), so that
-    they cannot cut the stopping short: its saving, its one line, the interpreter's exit."""
+    """SIGTERM (a scheduler's time limit, kill, timeout, a container stop) and SIGHUP stop a run as Ctrl-C does."""
     STOPPED_BY[0] = number
-    ignore_stop_signals()
+    ignore_stop_signals()  # the signals after it (a second Ctrl-C, a job manager's to each process) cannot cut it short
     raise KeyboardInterrupt
 
 
-def ignore_stop_signals():
-    """From here on Ctrl-C, SIGTERM and SIGHUP are ignored: once a run stops, or once it begins its final writes."""
+def ignore_stop_signals():  # from here on: once a run stops, or once it begins its final writes
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
 
@@ -686,7 +684,7 @@ def ignore_stop_signals():
 def handle_interrupts():
     """Ctrl-C, SIGTERM and SIGHUP: the same saving where a script saves on Ctrl-C, one line, exit 128 + signal."""
     sys.excepthook = exit_quietly_on_interrupt
-    for number in STOP_SIGNALS:  # Ctrl-C unless it was ignored when the process started (a background job)
+    for number in STOP_SIGNALS:  # Ctrl-C too, unless it is ignored from the start (a background job)
         if number != signal.SIGINT or signal.getsignal(number) is signal.default_int_handler:
             signal.signal(number, stop_as_on_ctrl_c)
     # the run log's writer thread: its OSError (a full disk) reaches the main thread at its next write, which says it
@@ -706,47 +704,25 @@ def exit_quietly_on_interrupt(exc_type, exc, traceback):
     sys.__excepthook__(exc_type, exc, traceback)
 
 
-def this_host() -> str:
-    """The machine, filename-safe, and its PID namespace unless it is the machine's own (a container that shares the
-    host name): the place where a process id means one process."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename) or "localhost"
-    with contextlib.suppress(OSError):
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-        host += "" if namespace == 0xEFFFFFFC else f"+pid{namespace}"  # 0xEFFFFFFC: every Linux machine's own
-    return host
-
-
-HOST = this_host()
-WRITER = f"{os.getpid()}@{HOST}"  # names what a run stages, in places that runs of several nodes may share
-ABANDONED_AFTER = 7 * 86_400  # [our choice] seconds: a staged write lasts minutes, one untouched for a week is garbage
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename)  # and its PID namespace unless the machine's (0xEFFFFFFC)
+with contextlib.suppress(OSError):
+    HOST += "" if os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC else f"+pid{os.stat('/proc/self/ns/pid').st_ino}"
+WRITER = f"{os.getpid()}@{HOST}"  # names staged writes: several nodes may share a place, and a pid means one on a host
 
 
 def left_by_dead_writer(path: str, match: re.Match) -> bool:
-    """Whether the staged write at `path`, whose name `match` reads (groups `pid` and `host`, the writer's), is what
-    a killed run left: one of this host's processes that no longer runs, or, whatever its host, untouched for
-    ABANDONED_AFTER. Another host's process ids mean nothing here, and a name without a host (an older version's)
-    may be another host's: only their age tells."""
+    """Whether `path`, staged by the writer its name's `match` reads (groups `pid`, `host`), was left by a killed run:
+    a process of this host that no longer runs or, whatever its host (none: an older version's), a week ago."""
     try:
-        if time.time() - os.lstat(path).st_mtime > ABANDONED_AFTER:
-            return True
-        os.kill(int(match["pid"]), 0) if match["host"] == HOST else None
+        abandoned = time.time() - os.lstat(path).st_mtime > 7 * 86_400  # [our choice]: a staged write lasts minutes
+        if abandoned or match["host"] != HOST:  # another host's process ids mean nothing here
+            return abandoned
+        os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
         return True
-    except OSError:  # gone meanwhile; a process of another user (PermissionError)
+    except OSError:  # gone meanwhile; another user's process (PermissionError)
         return False
-    return match["host"] == HOST and int(match["pid"]) == os.getpid()  # our pid: an earlier life (before a reboot)
-
-
-def remove_dead_leftovers(directory: str, pattern: re.Pattern):
-    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches and that
-    left_by_dead_writer finds abandoned."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        match, path = pattern.fullmatch(name), os.path.join(directory, name)
-        if match and left_by_dead_writer(path, match):
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another run
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    return int(match["pid"]) == os.getpid()  # our own pid: a leftover from an earlier life of it (before a reboot)
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
@@ -847,18 +823,28 @@ def version_error(name: str) -> Optional[str]:
 
 
 LOCAL_ONLY_ENVS = tuple(env for env, (_, ref_min, _) in GYM_ENVS.items() if ref_min is None)
+# --- end shared ---
+
+
+# --- dataset resolution: --env-id -> a local Minari dataset id ---
 ACCEPTED_IDS = (
     "a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL-style name {env}-{quality}-v2 with env in "
     f"{', '.join(env for env in GYM_ENVS if env not in LOCAL_ONLY_ENVS)} ({{env}}-{{quality}}-v0 for "
     f"{', '.join(LOCAL_ONLY_ENVS)}) and quality in {', '.join(QUALITIES)}, or "
     f"antmaze-{{{','.join(ANTMAZE_TASKS)}}}-v2, or {{{','.join(ADROIT_ENVS)}}}-{{{','.join(ADROIT_QUALITIES)}}}-v1"
 )
-# --- end shared ---
 
 
-# --- dataset resolution: --env-id -> a local Minari dataset id ---
 def dataset_store() -> str:
-    return os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    """The Minari store's folder, made if missing as Minari makes it; a path that cannot be a folder (a file, a
+    symlink loop) or be made is one sentence, as make_dataset.py says it, instead of Minari's traceback."""
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    try:
+        os.makedirs(store, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot write to {store} ({exc.strerror or type(exc).__name__}); choose another place with "
+             "MINARI_DATASETS_PATH")
+    return store
 
 
 def local_datasets() -> dict:
@@ -867,6 +853,7 @@ def local_datasets() -> dict:
 
     import minari
 
+    dataset_store()  # a store that cannot be a folder: one sentence
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Misconfigured dataset": reported below, for the ids we need
         return minari.list_local_datasets()
@@ -928,7 +915,19 @@ def with_medium_expert_pair(dataset_id: str, quality: str) -> list:
     return candidates
 
 
-STAGED_COMBINE = re.compile(r"\.combine-(?P<pid>\d+)-.+")  # combine's staging folders in the store, by writer
+def remove_dead_leftovers(directory: str, pattern: re.Pattern):
+    """Removes what killed runs left in `directory`: the files and folders whose name `pattern` matches and that
+    left_by_dead_writer finds abandoned."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match, path = pattern.fullmatch(name), os.path.join(directory, name)
+        if match and left_by_dead_writer(path, match):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another run
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+STAGED_COMBINE = re.compile(r"\.combine-(?P<pid>\d+)(@(?P<host>.+))?-[^-]+")  # combine's staging, by WRITER
 
 
 def dataset_bytes(dataset_id: str) -> int:
@@ -965,7 +964,7 @@ def combine(dataset_ids: list, local: dict) -> str:
              f"make {new_id} directly")
     ref_min, ref_max = scores.pop()
     print(f"combining {' + '.join(dataset_ids)} into {new_id}")
-    staging = tempfile.mkdtemp(prefix=f".combine-{os.getpid()}-", dir=store)
+    staging = tempfile.mkdtemp(prefix=f".combine-{WRITER}-", dir=store)
     previous_store = os.environ.get("MINARI_DATASETS_PATH")
     try:
         parts = [minari.load_dataset(i) for i in dataset_ids]
@@ -1189,7 +1188,7 @@ CHECKPOINT_KEYS = (
 )
 
 
-STAGED_CHECKPOINT = re.compile(r".+\.tmp-(?P<pid>\d+)")  # save_checkpoint's temporary files, by writer
+STAGED_CHECKPOINT = re.compile(r".+\.tmp-(?P<pid>\d+)(@(?P<host>.+))?")  # save_checkpoint's staging, by WRITER
 
 
 def save_checkpoint(payload: dict, path: str, replace: bool = False):
@@ -1199,7 +1198,7 @@ def save_checkpoint(payload: dict, path: str, replace: bool = False):
     second is refused with one sentence and its file is kept aside, named in the sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     remove_dead_leftovers(os.path.dirname(path) or ".", STAGED_CHECKPOINT)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
+    tmp_path = f"{path}.tmp-{WRITER}"
     try:
         torch.save(payload, tmp_path)
         if replace:
@@ -1210,7 +1209,7 @@ def save_checkpoint(payload: dict, path: str, replace: bool = False):
             fail(f"{path} was written by another run while this one worked; this run's result is kept as {aside} "
                  "(move it over the other to use it)")
     finally:
-        if os.path.exists(tmp_path):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
 
 
@@ -1238,6 +1237,9 @@ def save_or_rescue(payload: dict, path: str, replace: bool, rescue_dirs) -> str:
         with contextlib.suppress(OSError):
             if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
                 reason = "No space left on device"
+        removed = isinstance(exc, FileNotFoundError) and exc.filename == f"{path}.tmp-{WRITER}"
+        if removed:  # by hand, or by a job that shares this directory (no version's cleaning removes a live write)
+            reason = f"another process removed its staged copy {exc.filename}, perhaps a job sharing this directory"
     for directory in dict.fromkeys(rescue_dirs):
         rescue = os.path.abspath(os.path.join(directory, f"rescued-{os.getpid()}-{os.path.basename(path)}"))
         try:
@@ -1245,7 +1247,7 @@ def save_or_rescue(payload: dict, path: str, replace: bool, rescue_dirs) -> str:
         except (OSError, RuntimeError):
             continue
         fail(f"could not write {path} ({reason}); the trained networks are saved as {rescue} instead: move it to "
-             f"{path} once there is room")
+             f"{path}" + ("" if removed else " once there is room"))
     fail(f"could not write {path} ({reason}) nor into any of {', '.join(rescue_dirs)}; the trained networks are "
          "lost: free some space and run again")
 
