@@ -291,14 +291,15 @@ def test_a_run_killed_in_the_middle_of_a_swap_is_undone_by_the_next_run(store, t
     make_tiny_dataset("local/hopper/medium-v0", steps=50)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    staging = store / f".make_dataset-{dead.pid}"
+    writer = f"{dead.pid}@{load_script('make_dataset').HOST}"  # a run of this host whose process is gone
+    staging = store / f".make_dataset-{writer}"
     # the state a SIGKILL leaves after the old dataset moved out and before the new one moved in
     (staging / "old" / "local" / "hopper").mkdir(parents=True)
     os.rename(store / "local" / "hopper" / "medium-v0", staging / "old" / "local" / "hopper" / "medium-v0")
     (staging / "new" / "local" / "hopper" / "medium-v0").mkdir(parents=True)
     (staging / "swap").write_text("local/hopper/medium-v0")
     result = run_script("make_dataset.py", "--env-id", "hopper-medium-v2", cwd=tmp_path)
-    assert f"restored local/hopper/medium-v0, which a killed make_dataset.py run (process {dead.pid})" in result.stdout
+    assert f"restored local/hopper/medium-v0, which a killed make_dataset.py run (process {writer})" in result.stdout
     assert "local/hopper/medium-v0 already exists" in result.stderr  # and then it refuses to replace it
     assert minari.load_dataset("local/hopper/medium-v0").total_steps == 50
     assert hidden_entries(store) == []

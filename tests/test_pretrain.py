@@ -61,9 +61,9 @@ def test_each_algorithm_writes_a_checkpoint_with_every_contract_key_loadable_wei
 @pytest.mark.parametrize("algo", ["cql", "td3bc", "awac"])
 def test_the_loaded_actor_reproduces_the_in_run_evaluation(checkpoints, algo):
     path, _ = checkpoints[algo]
-    checkpoint = po.read_checkpoint(str(path), algo)
+    checkpoint = torch.load(path, weights_only=True)  # as the online scripts read it
     actor = po.ACTORS[algo](checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"])
-    po.load_weights(actor, checkpoint["actor"], "actor", str(path))
+    actor.load_state_dict(checkpoint["actor"])
     actor.eval()
     seed = checkpoint["args"]["seed"]
     env = po.make_env(checkpoint["gym_id"], checkpoint["gym_kwargs"], seed)
@@ -257,9 +257,9 @@ def test_the_cvae_gives_dataset_actions_higher_p_than_random_actions(minari_stor
     result = run_script("pretrain_offline.py", "--env-id", "local/hopper/medium-v0", "--algo", "td3bc",
                         "--total-steps", 1, "--cvae-steps", 3000, "--eval-episodes", 1, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = po.read_checkpoint(str(tmp_path / "checkpoints" / "local-hopper-medium-v0__td3bc__1.pt"), "td3bc")
+    checkpoint = torch.load(tmp_path / "checkpoints" / "local-hopper-medium-v0__td3bc__1.pt", weights_only=True)
     cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"], checkpoint["hidden_dims"])
-    po.load_weights(cvae, checkpoint["cvae"], "cvae", "checkpoint")
+    cvae.load_state_dict(checkpoint["cvae"])
     data = po.load_dataset("local/hopper/medium-v0")
     obs = torch.as_tensor((data["observations"] - checkpoint["obs_mean"].numpy()) / checkpoint["obs_std"].numpy())
     actions = torch.as_tensor(data["actions"])
@@ -313,7 +313,7 @@ def test_antmaze_names_resolve_to_the_d4rl_port_with_flattened_goals_and_shifted
     result = run_script("pretrain_offline.py", "--env-id", "antmaze-umaze-v2", "--algo", "awac", *TINY, cwd=tmp_path,
                         env_overrides={"MINARI_DATASETS_PATH": str(store)})
     assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = po.read_checkpoint(str(tmp_path / "checkpoints" / "antmaze-umaze-v2__awac__1.pt"), "awac")
+    checkpoint = torch.load(tmp_path / "checkpoints" / "antmaze-umaze-v2__awac__1.pt", weights_only=True)
     assert checkpoint["dataset_id"] == "D4RL/antmaze/umaze-v1" and checkpoint["gym_id"] == "AntMaze_UMaze-v5"
     flat_dim = sum(space[key].shape[0] for key in ["observation", "achieved_goal", "desired_goal"])
     assert checkpoint["obs_dim"] == flat_dim  # the ant's own position (achieved_goal) is kept
