@@ -361,7 +361,7 @@ def iql_args_without(*keys):
 
 
 CHECKPOINT_CASES = [  # (key, new value or a function of the checkpoint (None removes the key), the message)
-    ("algo", "td3bc", ["is not a iql checkpoint", "--algo iql"]),
+    ("algo", "td3bc", ["was pretrained with --algo td3bc but this script needs iql", "--algo iql"]),
     ("value", None, ["has a bad or missing value", "(iql)"]),
     ("value", lambda checkpoint: {name: weight[:1] for name, weight in checkpoint["value"].items()},
      ["the value in", "does not fit its stated sizes"]),
