@@ -474,6 +474,7 @@ def main(args: Args):
                 run.evaluate(actor, eval_env, device, global_step)
             if log_step:
                 run.log(global_step)
+        hold_signals()  # the run is done: from here on no signal may cut the saving short
     except (KeyboardInterrupt, OSError, FloatingPointError) as stop:  # a signal, a full disk, diverged losses
         run.stopped(stop, global_step)
     run.finish(global_step, dict(actor=actor, critic=critic, cvae=cvae), env, eval_env,
@@ -531,11 +532,14 @@ CHECKPOINT_FIELDS = (  # (key, test of the checkpoint c, what the key must be), 
      and min(c["obs_std"]) > 0, "obs_dim positive numbers, beside obs_mean's finite ones"),
     ("action_low", lambda c: numbers(c["action_low"], c["act_dim"]) and numbers(c["action_high"], c["act_dim"])
      and all(lo < hi for lo, hi in zip(c["action_low"], c["action_high"])), "act_dim numbers below action_high"),
-    ("ref_min_score", lambda c: c["ref_min_score"] != c["ref_max_score"] and all(numbers(c[k]) for k in (
-        "ref_min_score", "ref_max_score", "reward_scale", "reward_bias")), "a number, other than ref_max_score"),
+    ("ref_min_score", lambda c: c["ref_min_score"] != c["ref_max_score"] and numbers(c["ref_min_score"])
+     and numbers(c["ref_max_score"]), "a number, other than ref_max_score"),
+    ("reward_scale", lambda c: numbers(c["reward_scale"]) and numbers(c["reward_bias"]), "a finite number"),
     ("critic", lambda c: all(isinstance(c[k], dict) for k in ("actor", "critic", "cvae", "cvae_calibration"))
      and numbers(c["critic"]["net.0.weight"], -1, -1, -1), "a state dict, as actor, cvae and cvae_calibration"),
-    ("cvae_calibration", lambda c: numbers(c["cvae_calibration"]["neg_elbo_quantiles"], -1) and (
+    ("cvae_calibration", lambda c: numbers(c["cvae_calibration"]["neg_elbo_quantiles"], -1)
+     and len(c["cvae_calibration"]["neg_elbo_quantiles"]) > 1  # sorted: p is a rank among them
+     and bool((c["cvae_calibration"]["neg_elbo_quantiles"].diff() >= 0).all()) and (
         "reservoir_obs" not in c["cvae_calibration"]
         or numbers(c["cvae_calibration"]["reservoir_obs"], -1, c["obs_dim"])
         and numbers(c["cvae_calibration"]["reservoir_actions"], -1, c["act_dim"])), "quantiles and offline pairs"),
@@ -746,8 +750,7 @@ class Run:
     def finish(self, step: int, networks: dict, *envs, **tensors):
         """With --save-model, model.pt: the checkpoint's keys with the fine-tuned networks in place of the offline
         ones. Then closes everything and exits with the run's status."""
-        for number in STOP_SIGNALS:  # from here on a Ctrl-C or SIGTERM cannot cut the saving short
-            signal.signal(number, signal.SIG_IGN)
+        hold_signals()
         if self.args.save_model:
             save_model(dict(self.checkpoint, online_steps=step, online_normalized_score=self.score,
                             online_args=dataclasses.asdict(self.args), **tensors, **{
@@ -784,9 +787,14 @@ def stop_as_on_ctrl_c(number, frame):
     """Ctrl-C, SIGTERM (a scheduler's limit, kill) and SIGHUP stop a run alike, the exit status 128 + the signal. The
     signals after the first are ignored, so that they cannot cut the saving short."""
     STOPPED_BY[0] = number
-    for other in STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
+    hold_signals()
     raise KeyboardInterrupt
+
+
+def hold_signals():
+    """Ctrl-C, SIGTERM and SIGHUP are ignored from here on: the run has stopped or finished and saves what it has."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def run_main(main, args_type):

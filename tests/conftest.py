@@ -4,9 +4,11 @@ Nothing is downloaded: every dataset is written with minari.create_dataset_from_
 the scripts' real loading code.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -90,3 +92,78 @@ def run_script(script: str, *args, cwd, env_overrides=None, timeout=600) -> subp
     env.update(env_overrides or {})
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- many runs of the scripts in one process, and one set of tiny checkpoints per session ---
+CASE_RUNNER = r'''
+import contextlib, io, json, os, runpy, sys, traceback
+cases, prelude = json.load(sys.stdin)
+exec(prelude)
+results = []
+for script, argv, env in cases:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    sys.argv, out, err, status = [script, *argv], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            status = stop.code
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        if isinstance(status, str):  # what the interpreter does with SystemExit("error: ...")
+            print(status, file=sys.stderr)
+            status = 1
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.update({key: value})
+    results.append([status or 0, out.getvalue(), err.getvalue()])
+json.dump(results, sys.__stdout__)
+'''
+
+
+def run_cases(cases, *, cwd, env=None, prelude: str = "", timeout=600) -> list:
+    """Runs many commands `(script, args)` or `(script, args, env_overrides)` one after the other in ONE Python
+    process (each as `python script args` would: the script run as __main__, its SystemExit turned into the exit
+    status and the message it prints), so that a table of refusals pays Python's and torch's start-up once. Returns
+    a CompletedProcess per command. `prelude` is Python run once first (to patch a library)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    commands = [[str(ROOT / case[0]), [str(a) for a in case[1]], dict(case[2]) if len(case) > 2 else {}]
+                for case in cases]
+    process = subprocess.run([sys.executable, "-c", CASE_RUNNER], input=json.dumps([commands, prelude]), cwd=cwd,
+                             env=env, capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return [subprocess.CompletedProcess([case[0], *case[1]], status, out, err)
+            for case, (status, out, err) in zip(cases, json.loads(process.stdout))]
+
+
+@pytest.fixture(scope="session")
+def script_cases():
+    """run_cases: a table of commands run in one process."""
+    return run_cases
+
+
+TINY_ID = "local/hopper/medium-v0"
+TINY_PRETRAIN = ["--total-steps", 40, "--cvae-steps", 40, "--eval-freq", 40, "--eval-episodes", 1, "--hidden-dims",
+                 16, 16]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """A folder holding a 400-step `local/hopper/medium-v0` in its own Minari store and a tiny checkpoint of it (16x16
+    networks, 40 steps, seed 1) per offline algorithm, pretrained once for the session. `env` runs a script against
+    that store; `checkpoint(algo)` is a checkpoint's path. Tests copy a checkpoint before changing it."""
+    base = tmp_path_factory.mktemp("tiny-checkpoints")
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(base / "store"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])
+        make_tiny_dataset(TINY_ID, steps=400)
+    algos = ("cql", "td3bc", "awac", "iql")
+    results = run_cases([("pretrain_offline.py", ["--env-id", TINY_ID, "--algo", algo, *TINY_PRETRAIN])
+                         for algo in algos], cwd=base, env=env)
+    for algo, result in zip(algos, results):
+        assert result.returncode == 0, (algo, result.stderr[-3000:])
+    return types.SimpleNamespace(
+        base=base, env=env, store=base / "store", dataset_id=TINY_ID,
+        checkpoint=lambda algo: base / "checkpoints" / f"{TINY_ID.replace('/', '-')}__{algo}__1.pt")

@@ -1,51 +1,56 @@
-"""Faults a real run meets, as a table: the command, the one sentence it must end with, and the data that must be
-intact afterwards. Ids typed by hand, SIGTERM from a scheduler, a full disk (an OSError(ENOSPC) injected at the
-write, or a place reported full), two writers of one result, and damaged data or checkpoints."""
+"""Faults a real run meets, as tables: the command, the one sentence it must end with, and the data that must be
+intact afterwards. Ids typed by hand, numbers that escaped, damaged data, signals (SIGTERM from a scheduler, a second
+one right after, one before the run starts), a full disk (an OSError(ENOSPC) injected at the write, or a place
+reported full), two writers of one result, and leftovers of killed runs.
+
+Speed: the store and the checkpoint are the session's (conftest's tiny_checkpoints); a table of refusals runs in one
+process (conftest's run_cases). Nothing waits a number of seconds: a signal is sent once the run has printed where it
+is, or the run sends it to itself at a chosen moment."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
 
-from conftest import ROOT, load_script, make_tiny_dataset
+from conftest import ROOT, TINY_PRETRAIN, load_script, make_tiny_dataset
 
 ENV_ID = "local/hopper/medium-v0"
-TINY = ["--total-steps", 40, "--cvae-steps", 40, "--eval-freq", 40, "--eval-episodes", 1, "--hidden-dims", 16, 16]
-ONLINE = ["--total-timesteps", 60, "--learning-starts", 30, "--eval-freq", 60, "--eval-episodes", 1]
+TINY = ["--algo", "td3bc", *TINY_PRETRAIN]
+ONLINE = ["--env-id", ENV_ID, "--total-timesteps", 60, "--learning-starts", 30, "--eval-freq", 60,
+          "--eval-episodes", 1]
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A Minari store with a tiny dataset and a td3bc checkpoint of it, and the environment to run scripts in."""
+def lab(tiny_checkpoints, tmp_path_factory):
+    """The session's Minari store and td3bc checkpoint, and a folder of this module's own to run the scripts in, so
+    that what they write (checkpoints, runs) never lands beside the session's checkpoints."""
     base = tmp_path_factory.mktemp("faults")
-    env = dict(os.environ, MINARI_DATASETS_PATH=str(base / "store"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])
-        make_tiny_dataset(ENV_ID, steps=400)
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", *TINY)
-    assert result.returncode == 0, result.stderr
-    return base, env
+    return types.SimpleNamespace(base=base, env=tiny_checkpoints.env, store=tiny_checkpoints.store,
+                                 checkpoint=tiny_checkpoints.checkpoint("td3bc"))
 
 
-def run(cwd, env, script, *args, inject=None, timeout=600):
+def command(script, *args, inject=None) -> list:
     """The script as a user runs it; `inject` is Python run first in the same process (to make a write fail)."""
     if inject is None:
-        command = [sys.executable, str(ROOT / script), *map(str, args)]
-    else:
-        code = (f"import runpy, sys\n{inject}\nsys.argv = {[script, *map(str, args)]!r}\n"
-                f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
-        command = [sys.executable, "-c", code]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, str(ROOT / script), *map(str, args)]
+    return [sys.executable, "-c", f"import runpy, sys\n{inject}\nsys.argv = {[script, *map(str, args)]!r}\n"
+                                  f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')"]
 
 
-def one_sentence(result, *fragments):
+def run(lab, script, *args, inject=None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(script, *args, inject=inject), cwd=lab.base, env=lab.env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_sentence(result, *fragments) -> str:
     assert result.returncode not in (0, None) and "Traceback" not in result.stderr, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and all(f in message for f in fragments), message
@@ -58,78 +63,90 @@ def snapshot(folder):
                   for p in folder.rglob("*") if p.is_file())
 
 
-def checkpoint_of(base):
-    return base / "checkpoints" / "local-hopper-medium-v0__td3bc__1.pt"
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid  # a process id that no longer runs
 
 
 # --- ids typed by hand: checked for their form before any path is built; "damaged" only of a real dataset ---
-ID_CASES = [
-    ("./local/hopper/medium-v0", "is a path, not a dataset id"),
-    ("../../../../../../etc", "is a path, not a dataset id"),
-    ("/etc/passwd-v0", "is a path, not a dataset id"),
-    ("local/hopper", "is a namespace of the Minari store, not a dataset; name one of its datasets: local/hopper/medium-v0"),
-    ("local/hopper/mediun-v0", "no local dataset local/hopper/mediun-v0"),
-    ("local/hopper/empty-v0", "no local dataset local/hopper/empty-v0"),  # a folder without Minari's metadata
-    ("local hopper", "unknown --env-id"),
-]
+ID_CASES = {
+    "./local/hopper/medium-v0": "is a path, not a dataset id",
+    "../../../../../../etc": "is a path, not a dataset id",
+    "/etc/passwd-v0": "is a path, not a dataset id",
+    "local/hopper": "is a namespace of the Minari store, not a dataset; name one of its datasets: local/hopper/",
+    "local/hopper/mediun-v0": "no local dataset local/hopper/mediun-v0",
+    "local/hopper/empty-v0": "no local dataset local/hopper/empty-v0",  # a folder without Minari's metadata
+    "local hopper": "unknown --env-id",
+}
+NO_NETWORK = """
+import socket, sys
+def refuse(*args, **kwargs):
+    print("the network was asked for", file=sys.stderr)
+    raise OSError("no network in this test")
+socket.socket.connect = socket.getaddrinfo = socket.create_connection = refuse
+"""
 
 
-@pytest.mark.parametrize("env_id, message", ID_CASES)
-def test_an_id_of_the_wrong_form_is_one_sentence_that_never_calls_a_healthy_folder_damaged(lab, env_id, message):
-    base, env = lab
-    (base / "store" / "local" / "hopper" / "empty-v0").mkdir(exist_ok=True)
-    before = snapshot(base / "store")
-    start = time.time()
-    result = run(base, env, "pretrain_offline.py", "--env-id", env_id, "--algo", "td3bc", "--seed", 7, *TINY)
-    sentence = one_sentence(result, message)
+@pytest.fixture(scope="module")
+def id_refusals(lab, script_cases):
+    """Each ID_CASES id given to pretrain_offline.py, all in one process without a network: ({id: result}, whether
+    the store was left as it was)."""
+    (lab.store / "local" / "hopper" / "empty-v0").mkdir(exist_ok=True)
+    before = snapshot(lab.store)
+    results = script_cases([("pretrain_offline.py", ["--env-id", env_id, "--seed", 7, *TINY]) for env_id in ID_CASES],
+                           cwd=lab.base, env=lab.env, prelude=NO_NETWORK)
+    return dict(zip(ID_CASES, results)), snapshot(lab.store) == before
+
+
+@pytest.mark.parametrize("env_id", ID_CASES)
+def test_an_id_of_the_wrong_form_is_one_sentence_that_never_calls_a_healthy_folder_damaged(id_refusals, env_id):
+    results, store_untouched = id_refusals
+    sentence = one_sentence(results[env_id], ID_CASES[env_id])
     assert "delete" not in sentence and "damaged" not in sentence
-    assert time.time() - start < 60  # a local id is never downloaded: no retries
-    assert snapshot(base / "store") == before
+    assert "the network was asked for" not in results[env_id].stderr  # a local id is never downloaded
+    assert store_untouched
 
 
 def test_a_trailing_slash_from_tab_completion_names_the_same_dataset(lab):
-    base, env = lab
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID + "/", "--algo", "td3bc", "--seed", 2, *TINY)
+    result = run(lab, "pretrain_offline.py", "--env-id", ENV_ID + "/", "--seed", 2, *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (base / "checkpoints" / "local-hopper-medium-v0__td3bc__2.pt").exists()
-
-
-def test_a_dataset_whose_metadata_cannot_be_read_is_called_damaged(lab):
-    base, env = lab
-    folder = base / "store" / "local" / "hopper" / "broken-v0" / "data"
-    folder.mkdir(parents=True)
-    (folder / "metadata.json").write_text("{not json")
-    result = run(base, env, "pretrain_offline.py", "--env-id", "local/hopper/broken-v0", "--algo", "td3bc", *TINY)
-    one_sentence(result, "local/hopper/broken-v0", "is unreadable")
+    assert (lab.base / "checkpoints" / "local-hopper-medium-v0__td3bc__2.pt").exists()
 
 
 # --- numbers that escaped: the seed, threads ---
-SEED_CASES = [
-    ("pretrain_offline.py", ["--env-id", ENV_ID, "--algo", "td3bc", *TINY]),
-    ("make_dataset.py", ["--gym-id", "Pendulum-v1", "--qualities", "random", "--expert-return", "-150"]),
-    ("samg_td3.py", ["--env-id", ENV_ID, *ONLINE]),  # the check is in the block every online script shares
-]
+NUMBER_CASES = {  # id: (script, arguments, the sentence holds)
+    "seed 2**32, pretraining": ("pretrain_offline.py", ["--env-id", ENV_ID, *TINY, "--seed", 2**32],
+                                "--seed is 4294967296 but must be below 2**31"),
+    "seed 2**32, make_dataset": ("make_dataset.py", ["--gym-id", "Pendulum-v1", "--qualities", "random",
+                                                     "--expert-return", "-150", "--seed", 2**32],
+                                 "--seed is 4294967296 but must be below 2**31"),
+    "seed 2**32, online": ("samg_td3.py", [*ONLINE, "--seed", 2**32], "--seed is 4294967296 but must be in [0, 2**31)"),
+    "negative threads, online": ("samg_td3.py", [*ONLINE, "--threads", -1], "--threads is -1 but must be from 0"),
+    "more threads than cores, online": ("samg_td3.py", [*ONLINE, "--threads", os.cpu_count() + 1],
+                                        f"--threads is {os.cpu_count() + 1} but must be from 0 to the "
+                                        f"{os.cpu_count()} cores of this machine"),
+}
 
 
-@pytest.mark.parametrize("script, args", SEED_CASES)
-def test_a_seed_of_2_to_the_32_is_one_sentence_in_every_script(lab, script, args):
-    base, env = lab
-    one_sentence(run(base, env, script, *args, "--seed", 2**32), "--seed is 4294967296 but must be below 2**31")
+@pytest.fixture(scope="module")
+def number_refusals(lab, script_cases):
+    results = script_cases([(script, args) for script, args, _ in NUMBER_CASES.values()], cwd=lab.base, env=lab.env)
+    return dict(zip(NUMBER_CASES, results))
 
 
-def test_negative_threads_are_one_sentence(lab):
-    base, env = lab
-    one_sentence(run(base, env, "samg_td3.py", "--env-id", ENV_ID, *ONLINE, "--threads", -1), "--threads is -1")
+@pytest.mark.parametrize("case", NUMBER_CASES)
+def test_a_seed_or_thread_count_out_of_range_is_one_sentence_in_every_script(number_refusals, case):
+    one_sentence(number_refusals[case], NUMBER_CASES[case][2])
 
 
 # --- damaged data: one sentence before any training, and no checkpoint that the online scripts would refuse ---
-def copy_dataset(base, env, name, edit):
+def copy_dataset(store, name, edit):
     """A copy of the tiny dataset as local/hopper/{name}-v0, changed by `edit(folder)`."""
     import shutil
 
-    source, target = base / "store" / "local" / "hopper" / "medium-v0", base / "store" / "local" / "hopper" / f"{name}-v0"
-    if target.exists():
-        shutil.rmtree(target)
+    source, target = store / "local" / "hopper" / "medium-v0", store / "local" / "hopper" / f"{name}-v0"
+    shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
     metadata = json.loads((target / "data" / "metadata.json").read_text())
     metadata["dataset_id"] = f"local/hopper/{name}-v0"
@@ -153,6 +170,10 @@ def edit_metadata(**changes):
     return edit
 
 
+def unreadable_metadata(folder):
+    (folder / "metadata.json").write_text("{not json")
+
+
 def edit_episode(key, change):
     def edit(folder):
         with h5py.File(folder / "main_data.hdf5", "r+") as file:
@@ -167,115 +188,153 @@ def huge_reward(rewards):
     return rewards
 
 
-DATA_CASES = [
-    ("string-score", edit_metadata(ref_min_score="low"), ("reference scores 'low' and 3234.3, not two different",)),
-    ("nan-score", edit_metadata(ref_min_score=float("nan")), ("not two different finite numbers",)),
-    ("equal-scores", edit_metadata(ref_min_score=3234.3), ("not two different finite numbers",)),
-    ("no-env", edit_metadata(env_id="NoSuchEnv-v0"), ("records no usable environment",)),
-    ("short-actions", edit_episode("actions", lambda a: a[:-3]), ("actions", "re-create it")),
-    ("huge-rewards", edit_episode("rewards", huge_reward), ("rewards as large as 3e+38",)),
-]
+DATA_CASES = {  # name: (the change, the sentence holds)
+    "broken": (unreadable_metadata, ("is unreadable",)),
+    "string-score": (edit_metadata(ref_min_score="low"), ("reference scores 'low' and 3234.3, not two different",)),
+    "nan-score": (edit_metadata(ref_min_score=float("nan")), ("not two different finite numbers",)),
+    "equal-scores": (edit_metadata(ref_min_score=3234.3), ("not two different finite numbers",)),
+    "no-env": (edit_metadata(env_id="NoSuchEnv-v0"), ("records no usable environment",)),
+    "short-actions": (edit_episode("actions", lambda a: a[:-3]), ("actions", "re-create it")),
+    "huge-rewards": (edit_episode("rewards", huge_reward), ("rewards as large as 3e+38",)),
+}
 
 
-@pytest.mark.parametrize("name, edit, fragments", DATA_CASES)
-def test_damaged_data_is_one_sentence_before_training_and_writes_no_checkpoint(lab, name, edit, fragments):
-    base, env = lab
-    dataset_id = copy_dataset(base, env, name, edit)
-    result = run(base, env, "pretrain_offline.py", "--env-id", dataset_id, "--algo", "td3bc", *TINY)
-    one_sentence(result, dataset_id, *fragments)
-    assert not (base / "checkpoints" / f"{dataset_id.replace('/', '-')}__td3bc__1.pt").exists()
+@pytest.fixture(scope="module")
+def data_refusals(lab, script_cases):
+    """Pretraining on each DATA_CASES copy of the dataset, all in one process: {name: (dataset id, result)}."""
+    ids = {name: copy_dataset(lab.store, name, edit) for name, (edit, _) in DATA_CASES.items()}
+    results = script_cases([("pretrain_offline.py", ["--env-id", dataset_id, *TINY]) for dataset_id in ids.values()],
+                           cwd=lab.base, env=lab.env)
+    return {name: (ids[name], result) for name, result in zip(ids, results)}
 
 
-def test_a_checkpoint_with_nan_weights_is_refused_by_the_online_scripts(lab, tmp_path):
-    base, env = lab
-    checkpoint = torch.load(checkpoint_of(base), weights_only=True)
-    checkpoint["critic"] = {k: torch.full_like(v, float("nan")) for k, v in checkpoint["critic"].items()}
-    torch.save(checkpoint, tmp_path / "nan.pt")
-    result = run(base, env, "samg_td3.py", "--env-id", ENV_ID, "--checkpoint", tmp_path / "nan.pt", *ONLINE)
-    one_sentence(result, "the critic in", "not finite")
+@pytest.mark.parametrize("name", DATA_CASES)
+def test_damaged_data_is_one_sentence_before_training_and_writes_no_checkpoint(lab, data_refusals, name):
+    dataset_id, result = data_refusals[name]
+    one_sentence(result, dataset_id, *DATA_CASES[name][1])
+    assert not (lab.base / "checkpoints" / f"{dataset_id.replace('/', '-')}__td3bc__1.pt").exists()
 
 
 def test_pretraining_that_diverges_writes_no_checkpoint(lab):
-    base, env = lab
     inject = ("import torch.optim\n_step = torch.optim.Adam.step\n"
               "def step(self, *a, **k):\n    out = _step(self, *a, **k)\n"
               "    [p.data.fill_(float('nan')) for g in self.param_groups for p in g['params']]\n    return out\n"
               "torch.optim.Adam.step = step\n")
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 5, *TINY,
-                 inject=inject)
+    result = run(lab, "pretrain_offline.py", "--env-id", ENV_ID, "--seed", 5, *TINY, inject=inject)
     one_sentence(result, "training diverged", "no checkpoint was written")
-    assert not (base / "checkpoints" / "local-hopper-medium-v0__td3bc__5.pt").exists()
+    assert not (lab.base / "checkpoints" / "local-hopper-medium-v0__td3bc__5.pt").exists()
 
 
-# --- SIGTERM and SIGHUP are Ctrl-C: one line, the same saving, exit 128 + signal ---
-def start(base, env, script, *args):
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=base, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# --- signals: SIGTERM and SIGHUP are Ctrl-C; the first stops the run, the ones after it are ignored ---
+def fine_tuning(lab, run_dir, *flags, inject=None) -> subprocess.Popen:
+    """A long fine-tuning run with --save-model (it only ends by a signal)."""
+    process = subprocess.Popen(command("samg_td3.py", "--env-id", ENV_ID, "--checkpoint", lab.checkpoint,
+                                       "--total-timesteps", 100_000, "--learning-starts", 50, "--eval-freq", 10**6,
+                                       "--eval-episodes", 1, "--save-model", "--run-dir", run_dir, *flags,
+                                       inject=inject),
+                               cwd=lab.base, env=lab.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even from a batch job
+    guard = threading.Timer(600, process.kill)  # against a hang, never a wait; it does not hold pytest at its exit
+    guard.daemon = True
+    guard.start()
+    return process
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_or_sighup_during_fine_tuning_saves_the_model_and_exits_128_plus_the_signal(lab, tmp_path,
-                                                                                            signal_number):
-    base, env = lab
+SIGNAL_CASES = {  # case: the signals sent 1 ms apart once the loop runs (Ctrl-C alone: test_samg_scripts.py)
+    "SIGTERM, then SIGTERM 1 ms later, during the final save": (signal.SIGTERM, signal.SIGTERM),
+    "SIGHUP, then Ctrl-C 1 ms later": (signal.SIGHUP, signal.SIGINT),
+}
+
+
+@pytest.mark.parametrize("case", SIGNAL_CASES)
+def test_signals_during_fine_tuning_stop_it_once_save_the_model_and_exit_128_plus_the_first(lab, tmp_path, case):
+    first, *others = SIGNAL_CASES[case]
     run_dir = tmp_path / "runs"
-    process = start(base, env, "samg_td3.py", "--env-id", ENV_ID, "--eval-episodes", 10000, "--save-model",
-                    "--run-dir", run_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(run_dir.glob("*/events.out.tfevents.*")):
-        time.sleep(0.2)
-    time.sleep(4.0)  # the step-0 evaluation of 10,000 episodes is under way
-    process.send_signal(signal_number)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal_number, stderr
-    assert "Traceback" not in stderr, stderr
-    assert f"interrupted at step 0 ({signal.Signals(signal_number).name}); keeping the logs and the model" in stdout, (
-        stdout, stderr)
+    process = fine_tuning(lab, run_dir)
+    printed = []
+    for line in process.stdout:  # the step-0 evaluation is over and the loop runs
+        printed.append(line)
+        if "the offline policy scores" in line:
+            break
+    process.send_signal(first)
+    for other in others:
+        time.sleep(0.001)  # the next signal 1 ms after: as the first one's stop and save are under way
+        process.send_signal(other)
+    stdout, stderr = process.communicate()
+    stdout = "".join(printed) + stdout
+    assert process.returncode == 128 + first, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    (stopped,) = [line for line in stdout.splitlines() if line.startswith("stopped")]
+    step = int(stopped.split()[3].rstrip(":"))
+    assert stopped == (f"stopped at step {step}: interrupted ({signal.Signals(first).name}); keeping the logs and "
+                       "the model")
     (run_name,) = os.listdir(run_dir)
-    assert torch.load(run_dir / run_name / "model.pt", weights_only=True)["online_steps"] == 0
+    assert f"saved {run_dir / run_name / 'model.pt'}" in stdout
+    assert torch.load(run_dir / run_name / "model.pt", weights_only=True)["online_steps"] == step
+    assert not list((run_dir / run_name).glob("*.tmp"))
+
+
+SIGTERM_ITSELF = "import os, signal\nterm = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
+
+
+def test_a_signal_before_the_run_starts_is_one_line_and_exit_143_without_a_run_directory(lab, tmp_path):
+    inject = SIGTERM_ITSELF + ("import torch\n_load = torch.load\n"  # as the checkpoint is being read
+                               "def load(*a, **k):\n    term()\n    return _load(*a, **k)\ntorch.load = load\n")
+    result = run(lab, "samg_td3.py", *ONLINE, "--checkpoint", lab.checkpoint, "--save-model",
+                 "--run-dir", tmp_path / "runs", inject=inject)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["interrupted (SIGTERM) before the run started"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_signal_as_the_finished_run_begins_to_save_still_saves_the_model(lab, tmp_path):
+    inject = SIGTERM_ITSELF + (  # after the last log line (charts/SPS), as Run.finish is called
+        "import sys\nfrom torch.utils.tensorboard import SummaryWriter\n_add_scalar = SummaryWriter.add_scalar\n"
+        "def tracer(frame, event, arg):\n"
+        "    if event == 'call' and frame.f_code.co_name == 'finish':\n        sys.settrace(None)\n        term()\n"
+        "def add_scalar(self, tag, *a, **k):\n"
+        "    if tag == 'charts/SPS':\n        sys.settrace(tracer)\n"
+        "    return _add_scalar(self, tag, *a, **k)\n"
+        "SummaryWriter.add_scalar = add_scalar\n")
+    result = run(lab, "samg_td3.py", *ONLINE, "--checkpoint", lab.checkpoint, "--save-model",
+                 "--run-dir", tmp_path / "runs", inject=inject)
+    assert "Traceback" not in result.stderr and "before the run started" not in result.stderr, result.stderr[-3000:]
+    (run_name,) = os.listdir(tmp_path / "runs")
+    assert torch.load(tmp_path / "runs" / run_name / "model.pt", weights_only=True)["online_steps"] == 60
 
 
 def test_sigterm_during_pretraining_is_one_line_exit_143_and_no_checkpoint(lab):
-    base, env = lab
-    process = start(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 9,
-                    "--total-steps", 10**6, "--eval-freq", 10**6, "--hidden-dims", 16, 16)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((base / "runs").glob("*td3bc__9__*/events.out.tfevents.*")):
-        time.sleep(0.2)
-    time.sleep(4.0)  # training is under way
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143 and "Traceback" not in stderr, stderr
-    assert "interrupted at step" in stderr and "no checkpoint written" in stderr
-    assert not (base / "checkpoints" / "local-hopper-medium-v0__td3bc__9.pt").exists()
+    inject = SIGTERM_ITSELF + (  # in the 5th update
+        "import torch.optim\n_step, calls = torch.optim.Adam.step, []\n"
+        "def step(self, *a, **k):\n    calls.append(1)\n    if len(calls) == 5:\n        term()\n"
+        "    return _step(self, *a, **k)\ntorch.optim.Adam.step = step\n")
+    result = run(lab, "pretrain_offline.py", "--env-id", ENV_ID, "--seed", 9, *TINY, inject=inject)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "interrupted at step" in result.stderr and "no checkpoint written" in result.stderr
+    assert not (lab.base / "checkpoints" / "local-hopper-medium-v0__td3bc__9.pt").exists()
 
 
-def test_staging_left_by_killed_runs_is_removed_by_the_next_run_that_finds_it(lab):
-    base, env = lab
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a process id that no longer runs
-    checkpoints = base / "checkpoints"
-    (checkpoints / f"local-hopper-medium-v0__td3bc__3.pt.tmp-{dead.pid}").write_bytes(b"half a checkpoint")
-    alive = checkpoints / f"local-hopper-medium-v0__td3bc__4.pt.tmp-{os.getpid()}"  # a writer at work
-    alive.write_bytes(b"being written")
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 3, *TINY)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in checkpoints.glob("*.tmp-*")) == [alive.name]
-    alive.unlink()
-
-
-def test_a_killed_combine_is_cleared_by_the_next_combine(lab):
-    base, env = lab
-    store = base / "store"
+# --- leftovers of killed runs (named {pid}@{host}): removed by the next run that finds them, a live writer's kept ---
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run_that_finds_them(lab):
+    host = load_script("pretrain_offline").HOST
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINARI_DATASETS_PATH", str(store))
+        patch.setenv("MINARI_DATASETS_PATH", str(lab.store))
         make_tiny_dataset("local/hopper/expert-v0", steps=200, seed=3)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (store / f".combine-{dead.pid}-abc").mkdir()
-    result = run(base, env, "pretrain_offline.py", "--env-id", "hopper-medium-expert-v2", "--algo", "td3bc", *TINY)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [p.name for p in store.iterdir() if p.name.startswith(".")] == []
-    assert (store / "local" / "hopper" / "medium-expert-v0" / "data" / "metadata.json").exists()
+    checkpoints = lab.base / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    killed = [checkpoints / f"local-hopper-medium-v0__td3bc__3.pt.tmp-{dead_pid()}@{host}",
+              lab.store / f".combine-{dead_pid()}@{host}-abc"]
+    alive = checkpoints / f"local-hopper-medium-v0__td3bc__4.pt.tmp-{os.getpid()}@{host}"  # a writer at work
+    killed[0].write_bytes(b"half a checkpoint"), killed[1].mkdir(), alive.write_bytes(b"being written")
+    try:  # pretraining on a combined dataset stages both a combine in the store and a checkpoint
+        result = run(lab, "pretrain_offline.py", "--env-id", "hopper-medium-expert-v2", *TINY)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert not any(path.exists() for path in killed) and alive.exists()
+    finally:
+        alive.unlink()
+    assert [p.name for p in lab.store.iterdir() if p.name.startswith(".")] == []
+    assert (lab.store / "local" / "hopper" / "medium-expert-v0" / "data" / "metadata.json").exists()
+    assert (checkpoints / "hopper-medium-expert-v2__td3bc__1.pt").exists()
 
 
 # --- a full disk: one sentence, nothing lost, the store intact ---
@@ -290,55 +349,48 @@ def fail_writes_under(folder_part: str) -> str:
 
 
 def test_a_full_checkpoint_dir_at_the_end_of_pretraining_keeps_the_networks_elsewhere_and_says_where(lab):
-    base, env = lab
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 6, *TINY,
+    result = run(lab, "pretrain_offline.py", "--env-id", ENV_ID, "--seed", 6, *TINY,
                  inject=fail_writes_under("checkpoints"))
     message = one_sentence(result, "No space left on device", "the trained networks are saved as")
     rescued = message.split("saved as ")[1].split(" instead")[0]
     assert torch.load(rescued, weights_only=True)["algo"] == "td3bc"
-    assert not list((base / "checkpoints").glob("*.tmp-*"))
+    assert not list((lab.base / "checkpoints").glob("*.tmp-*"))
     os.remove(rescued)
 
 
-def test_a_full_run_dir_at_the_end_of_fine_tuning_keeps_the_model_elsewhere(lab, tmp_path):
-    base, env = lab
-    result = run(base, env, "samg_td3.py", "--env-id", ENV_ID, *ONLINE, "--save-model", "--run-dir", tmp_path / "r",
-                 inject=fail_writes_under(str(tmp_path / "r")))
-    message = one_sentence(result, "No space left on device", "saved as")
+def test_a_full_run_dir_at_the_end_of_fine_tuning_keeps_the_model_elsewhere_and_says_where(lab, tmp_path):
+    result = run(lab, "samg_td3.py", *ONLINE, "--checkpoint", lab.checkpoint, "--save-model",
+                 "--run-dir", tmp_path / "r", inject=fail_writes_under(str(tmp_path / "r")))
+    message = one_sentence(result, "could not write", "No space left on device", "the trained networks are saved as")
     rescued = message.split("saved as ")[1].split(" instead")[0]
     assert torch.load(rescued, weights_only=True)["online_steps"] == 60
+    (run_name,) = os.listdir(tmp_path / "r")
+    assert "model.pt" not in os.listdir(tmp_path / "r" / run_name) and not list((tmp_path / "r").rglob("*.tmp"))
     os.remove(rescued)
 
 
-def test_a_place_without_room_for_the_result_is_refused_before_any_work(lab, tmp_path):
-    base, env = lab
-    small = ("import shutil, collections\n_usage = shutil.disk_usage\n"
+def test_a_place_without_room_for_the_checkpoint_is_refused_before_pretraining(lab):
+    small = ("import shutil, collections\n"
              "shutil.disk_usage = lambda p: collections.namedtuple('u', 'total used free')(10**9, 10**9, 2**20)\n")
-    result = run(base, env, "pretrain_offline.py", "--env-id", ENV_ID, "--algo", "td3bc", "--seed", 8, *TINY,
-                 inject=small)
+    result = run(lab, "pretrain_offline.py", "--env-id", ENV_ID, "--seed", 8, *TINY, inject=small)
     one_sentence(result, "has 1 MiB free but this run writes about", "--checkpoint-dir")
-    assert not (base / "checkpoints" / "local-hopper-medium-v0__td3bc__8.pt").exists()
+    assert not (lab.base / "checkpoints" / "local-hopper-medium-v0__td3bc__8.pt").exists()
     assert "step 1/" not in result.stdout and "step 40/" not in result.stdout  # refused before training
-    result = run(base, env, "samg_td3.py", "--env-id", ENV_ID, *ONLINE, "--run-dir", tmp_path / "r", inject=small)
-    one_sentence(result, "has 1 MiB free", "--run-dir")
 
 
-def test_a_store_that_fills_while_datasets_are_written_is_left_as_it_was(lab, tmp_path):
-    base, env = lab
-    store = base / "store"
-    before = snapshot(store)
-    full = ("import errno, minari\n"
-            "def create(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "minari.create_dataset_from_buffers = create\n")
-    result = run(base, env, "make_dataset.py", "--env-id", "hopper-random-v2", "--transitions", 50,
-                 "--overwrite", inject=full)
+def test_a_store_that_fills_while_datasets_are_written_is_left_as_it_was(lab):
+    before = snapshot(lab.store)
+    full = ("import errno\nfrom minari.dataset._storages.hdf5_storage import HDF5Storage\n"  # as the episodes go in
+            "def update(self, *a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "HDF5Storage.update_episodes = update\n")
+    result = run(lab, "make_dataset.py", "--env-id", "hopper-random-v2", "--transitions", 50, "--overwrite",
+                 inject=full)
     one_sentence(result, "No space left on device", "the store was left as it was")
-    assert snapshot(store) == before and [p.name for p in store.iterdir() if p.name.startswith(".")] == []
+    assert snapshot(lab.store) == before and [p.name for p in lab.store.iterdir() if p.name.startswith(".")] == []
 
 
 # --- two writers: the refusal holds at the final move; the later result is kept aside and named ---
-def test_a_checkpoint_written_meanwhile_by_another_run_is_not_replaced(lab, tmp_path):
-    base, _ = lab
+def test_a_checkpoint_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
     po = load_script("pretrain_offline")
     path = str(tmp_path / "c.pt")
     po.save_checkpoint({"run": "A"}, path)
@@ -351,7 +403,7 @@ def test_a_checkpoint_written_meanwhile_by_another_run_is_not_replaced(lab, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.pt", os.path.basename(aside)])
 
 
-def test_a_dataset_written_meanwhile_by_another_run_is_not_replaced(lab, tmp_path, monkeypatch):
+def test_a_dataset_written_meanwhile_by_another_run_is_not_replaced(tmp_path, monkeypatch):
     import minari
 
     md = load_script("make_dataset")
