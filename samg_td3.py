@@ -750,16 +750,19 @@ class Run:
 def save_model(payload: dict, path: str):
     """Written beside `path` and moved into place, so no half-written model.pt is ever left; where the run dir cannot
     take it (a full disk), into the temporary directory instead, said in one sentence."""
+    reason = None
     for place in (path, os.path.join(tempfile.gettempdir(), f"rescued-{os.getpid()}-model.pt")):
         try:
             torch.save(payload, f"{place}.tmp")
             os.replace(f"{place}.tmp", place)
-            return print(f"saved {place}", flush=True) if place == path else fail(
-                f"could not write {path} ({reason}); the trained networks are saved as {place} instead")
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-            reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+            reason = reason or getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
             with contextlib.suppress(OSError):
                 os.remove(f"{place}.tmp")
+            continue
+        if place == path:
+            return print(f"saved {place}", flush=True)
+        fail(f"could not write {path} ({reason}); the trained networks are saved as {place} instead")
     fail(f"could not write {path} nor in {tempfile.gettempdir()} ({reason}); the trained networks are lost")
 
 
