@@ -93,6 +93,12 @@ class Args:
     """where the checkpoint is written"""
     overwrite: bool = False
     """replace an existing checkpoint of the same env, algo and seed (without it, such a run is refused)"""
+    save_every: int = 10_000
+    """write the training state to {checkpoint}.state every this many steps (0: never), removed once the checkpoint
+    is written: a stopped run continues from it with --resume [our choice]"""
+    resume: bool = False
+    """continue from {checkpoint}.state, with the flags the run was started with (--total-steps may differ); it
+    learns exactly what an uninterrupted run learns"""
     run_dir: str = "runs"
     """TensorBoard logs go to {run_dir}/{run_name}"""
     exp_name: str = "pretrain"
@@ -562,6 +568,9 @@ def main(args: Args):
     actor, cvae = nets["actor"], nets["cvae"]
     check_room_for_checkpoint(args, nets, obs_dim, act_dim)
 
+    state_path, start, score = f"{checkpoint_path}.state", 0, float("nan")
+    if args.resume:  # the networks, optimizers and random stream as they were after step `start`
+        start, run_name, score = resume_training(state_path, args, nets, opts)
     writer = open_run_log(args, run_name, {**vars(args), "dataset_id": dataset_id, "gym_id": data["gym_id"]})
 
     def run_evaluation(step: int) -> float:
@@ -575,9 +584,10 @@ def main(args: Args):
         return score
 
     total_steps = max(args.total_steps, args.cvae_steps)
-    progress, start_time, score, step = Progress(total_steps), time.time(), float("nan"), 0
+    progress, start_time, step, saved = Progress(total_steps), time.time(), start, start if args.resume else None
+    progress.last_step = start
     try:
-        for step in range(1, total_steps + 1):
+        for step in range(start + 1, total_steps + 1):
             index = torch.randint(0, num_transitions, (args.batch_size,), device=device)
             batch = (obs_t[index], actions_t[index], rewards_t[index], next_obs_t[index], dones_t[index])
             metrics = UPDATES[args.algo](step, batch, nets, opts, args) if step <= args.total_steps else {}
@@ -586,14 +596,18 @@ def main(args: Args):
             if step % 1000 == 0 or step == total_steps:  # the only host syncs: logging steps
                 for name, value in metrics.items():
                     writer.add_scalar(name, value.item(), step)
-                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
+                writer.add_scalar("charts/SPS", (step - start) / (time.time() - start_time), step)
             if step % args.eval_freq == 0 or step == total_steps:
                 score = run_evaluation(step)
             progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
+            if args.save_every and step % args.save_every == 0 and step < total_steps:
+                save_checkpoint(training_state(args, nets, opts, step, run_name, score), state_path, replace=True)
+                saved = step
     except KeyboardInterrupt:
         writer.close()
-        print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one); the TensorBoard "
-              f"log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
+        resume = f"; --resume continues from step {saved} ({state_path})" if saved is not None else ""
+        print(f"interrupted at step {step}: no checkpoint written (only a finished run writes one){resume}; the "
+              f"TensorBoard log so far is in {os.path.join(args.run_dir, run_name)}", file=sys.stderr, flush=True)
         raise SystemExit(interrupted_status())
     except OSError as exc:  # the run log's disk filled up
         fail(f"stopped at step {step}: could not write {exc.filename or 'the run log'} ({exc.strerror or exc}); no "
@@ -603,6 +617,8 @@ def main(args: Args):
     calibration = calibrate_cvae(cvae, obs_t, actions_t)  # what p is ranked against online
     write_checkpoint(checkpoint_path, args, dataset_id, data, nets, calibration, score,
                      dict(obs_mean=obs_mean, obs_std=obs_std, reward_scale=reward_scale, reward_bias=reward_bias))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(state_path)  # the finished run needs no resuming
     writer.close()
     print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")
 
@@ -1161,7 +1177,7 @@ def check_args_and_read_dataset(args: Args):
     check_numbers(args, positive=("total_steps", "batch_size", "hidden_dims", "num_critics", "critic_lr", "actor_lr",
                                   "cql_n_actions", "cql_temperature", "policy_freq", "awac_lambda", "awac_max_weight",
                                   "iql_beta", "iql_max_weight", "cvae_lr", "latent_dim", "eval_freq", "eval_episodes"),
-                  non_negative=("seed", "cvae_steps", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
+                  non_negative=("seed", "cvae_steps", "save_every", "cql_alpha", "td3bc_alpha", "policy_noise", "noise_clip"),
                   unit_interval=("gamma", "tau"))
     check_expectile(args.iql_expectile)
     use_threads(args.threads)
@@ -1294,6 +1310,49 @@ def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: d
              f"was written; check the dataset's rewards (largest |r| {np.abs(data['rewards']).max():.3g}) and the "
              "learning rates")
     save_or_rescue(checkpoint, path, args.overwrite, [args.run_dir, os.path.expanduser("~"), tempfile.gettempdir()])
+
+
+# The training state of --save-every and --resume: what the loop needs to continue exactly where it stopped.
+NOT_LEARNED = ("total_steps", "eval_freq", "eval_episodes", "save_every", "resume", "overwrite", "checkpoint_dir",
+               "run_dir", "exp_name", "track", "wandb_project_name", "wandb_entity", "threads")  # may differ on resume
+
+
+def training_state(args: Args, nets: dict, opts: dict, step: int, run_name: str, score: float) -> dict:
+    return {"step": step, "run_name": run_name, "score": score, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+            "nets": {k: v.state_dict() if isinstance(v, nn.Module) else v for k, v in nets.items()},
+            "opts": {k: opt.state_dict() for k, opt in opts.items()}}
+
+
+def resume_training(path: str, args: Args, nets: dict, opts: dict):
+    """Loads the state written after step `step` into the networks, optimizers and random stream; returns the step,
+    the run's name (its log continues in the same folder) and its last evaluation score."""
+    if not os.path.isfile(path):
+        fail(f"no training state at {path} to resume from; run without --resume, or with the --checkpoint-dir, "
+             "--env-id, --algo and --seed of the stopped run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ours = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+        changed = [flag(k) for k in sorted(set(ours) | set(state["args"]))
+                   if k not in NOT_LEARNED and ours.get(k) != state["args"].get(k)]
+    except Exception as exc:
+        fail(f"{path} is not a readable training state ({type(exc).__name__}); run without --resume")
+    if changed:
+        fail(f"{path} was trained with another {', '.join(changed)}; resume with the flags the run was started with")
+    if state["step"] > max(args.total_steps, args.cvae_steps):
+        fail(f"{path} is at step {state['step']}, beyond --total-steps {args.total_steps}; raise --total-steps")
+    for key, value in state["nets"].items():
+        with torch.no_grad():
+            nets[key].load_state_dict(value) if isinstance(nets[key], nn.Module) else (
+                nets[key].copy_(value) if isinstance(nets[key], torch.Tensor) else None)
+    for key, value in state["opts"].items():
+        opts[key].load_state_dict(value)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resuming {state['run_name']} after step {state['step']}", flush=True)
+    return state["step"], state["run_name"], state["score"]
 
 
 # --- shared: evaluation ---

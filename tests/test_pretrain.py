@@ -234,14 +234,45 @@ def test_ctrl_c_in_training_leaves_no_checkpoint_and_exits_130(minari_store, tmp
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                # a CI runner may start us with SIGINT ignored; a user's terminal never does
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("runs/*/events*")):
-        time.sleep(0.5)  # training has started once the TensorBoard file exists
-    time.sleep(2)
+    for line in process.stdout:  # the first progress line: training runs
+        if line.startswith("step "):
+            break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr and "interrupted at step" in stderr
-    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+    assert not list(tmp_path.glob("checkpoints/*.pt"))  # at most the training state (--save-every), no checkpoint
+
+
+def test_a_stopped_run_resumed_learns_exactly_what_an_uninterrupted_run_learns(minari_store, tmp_path):
+    flags = ["--env-id", "hopper-medium-v2", "--algo", "cql", "--seed", 3, *TINY, "--save-every", 80]
+    (tmp_path / "whole").mkdir()
+    uninterrupted = run_script("pretrain_offline.py", *flags, cwd=tmp_path / "whole")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    (tmp_path / "parts").mkdir()
+    stop_at_130 = ("import os, signal, runpy, sys\nimport pretrain_offline as po\n_update = po.Progress.update\n"
+                   "def update(self, step, *a, **k):\n    if step == 130:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                   "    return _update(self, step, *a, **k)\npo.Progress.update = update\n"
+                   f"sys.argv = ['pretrain_offline.py', *{list(map(str, flags))!r}]\n"
+                   "po.handle_interrupts()\npo.main(po.tyro.cli(po.Args))\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    stopped = subprocess.run([sys.executable, "-c", stop_at_130], cwd=tmp_path / "parts", env=env, capture_output=True,
+                             text=True, timeout=600)
+    state = tmp_path / "parts" / "checkpoints" / "hopper-medium-v2__cql__3.pt.state"
+    assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert f"--resume continues from step 80 ({os.path.join('checkpoints', state.name)})" in stopped.stderr
+    assert state.exists() and not state.with_suffix("").exists()
+    other = run_script("pretrain_offline.py", *flags, "--resume", "--batch-size", 32, cwd=tmp_path / "parts")
+    assert other.returncode != 0 and "another --batch-size; resume with the flags" in other.stderr
+    resumed = run_script("pretrain_offline.py", *flags, "--resume", cwd=tmp_path / "parts")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    assert not state.exists() and len(os.listdir(tmp_path / "parts" / "runs")) == 1  # one run, one log folder
+    whole, parts = (torch.load(folder / "checkpoints" / "hopper-medium-v2__cql__3.pt", weights_only=True)
+                    for folder in (tmp_path / "whole", tmp_path / "parts"))
+    for key in ("actor", "critic", "cvae", "cvae_calibration"):
+        assert whole[key].keys() == parts[key].keys()
+        assert all(torch.equal(whole[key][name], parts[key][name]) for name in whole[key]), key
+    assert torch.equal(whole["log_alpha"], parts["log_alpha"])
+    assert whole["offline_normalized_score"] == parts["offline_normalized_score"]
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
