@@ -94,8 +94,8 @@ class Args:
     overwrite: bool = False
     """replace an existing checkpoint of the same env, algo and seed (without it, such a run is refused)"""
     save_every: int = 10_000
-    """write the training state to {checkpoint}.state every this many steps (0: never), removed once the checkpoint
-    is written: a stopped run continues from it with --resume [our choice]"""
+    """write the training state to {checkpoint}.state every this many steps and at the end (0: never): a stopped run
+    continues from it with --resume, a finished one trains further with a larger --total-steps [our choice]"""
     resume: bool = False
     """continue from {checkpoint}.state, with the flags the run was started with (--total-steps may differ); it
     learns exactly what an uninterrupted run learns"""
@@ -597,12 +597,14 @@ def main(args: Args):
                 for name, value in metrics.items():
                     writer.add_scalar(name, value.item(), step)
                 writer.add_scalar("charts/SPS", (step - start) / (time.time() - start_time), step)
-            if step % args.eval_freq == 0 or step == total_steps:
+            if step % args.eval_freq == 0:
+                score = run_evaluation(step)
+            if args.save_every and (step % args.save_every == 0 or step == total_steps):  # before the last step's
+                save_checkpoint(training_state(args, nets, opts, step, run_name, score), state_path, replace=True)
+                saved = step  # own evaluation, which a longer run would not make (CQL's evaluation draws numbers)
+            if step == total_steps and step % args.eval_freq:
                 score = run_evaluation(step)
             progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
-            if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save_checkpoint(training_state(args, nets, opts, step, run_name, score), state_path, replace=True)
-                saved = step
     except KeyboardInterrupt:
         writer.close()
         resume = f"; --resume continues from step {saved} ({state_path})" if saved is not None else ""
@@ -617,8 +619,6 @@ def main(args: Args):
     calibration = calibrate_cvae(cvae, obs_t, actions_t)  # what p is ranked against online
     write_checkpoint(checkpoint_path, args, dataset_id, data, nets, calibration, score,
                      dict(obs_mean=obs_mean, obs_std=obs_std, reward_scale=reward_scale, reward_bias=reward_bias))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(state_path)  # the finished run needs no resuming
     writer.close()
     print(f"offline normalized score {score:.1f}; checkpoint written to {checkpoint_path}")
 
@@ -1313,8 +1313,8 @@ def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: d
 
 
 # The training state of --save-every and --resume: what the loop needs to continue exactly where it stopped.
-NOT_LEARNED = ("total_steps", "eval_freq", "eval_episodes", "save_every", "resume", "overwrite", "checkpoint_dir",
-               "run_dir", "exp_name", "track", "wandb_project_name", "wandb_entity", "threads")  # may differ on resume
+NOT_LEARNED = ("total_steps", "save_every", "resume", "overwrite", "checkpoint_dir", "run_dir", "exp_name", "track",
+               "wandb_project_name", "wandb_entity", "threads")  # may differ on resume (evaluation may not: it draws)
 
 
 def training_state(args: Args, nets: dict, opts: dict, step: int, run_name: str, score: float) -> dict:

@@ -243,30 +243,35 @@ def test_ctrl_c_in_training_leaves_no_checkpoint_and_exits_130(minari_store, tmp
     assert not list(tmp_path.glob("checkpoints/*.pt"))  # at most the training state (--save-every), no checkpoint
 
 
-def test_a_stopped_run_resumed_learns_exactly_what_an_uninterrupted_run_learns(minari_store, tmp_path):
-    flags = ["--env-id", "hopper-medium-v2", "--algo", "cql", "--seed", 3, *TINY, "--save-every", 80]
+def test_a_stopped_run_resumed_and_extended_learns_exactly_what_an_uninterrupted_run_learns(minari_store, tmp_path):
+    flags = ["--env-id", "hopper-medium-v2", "--algo", "cql", "--seed", 3, *TINY, "--cvae-steps", 100, "--save-every", 80]
     (tmp_path / "whole").mkdir()
-    uninterrupted = run_script("pretrain_offline.py", *flags, cwd=tmp_path / "whole")
+    uninterrupted = run_script("pretrain_offline.py", *flags, cwd=tmp_path / "whole")  # 200 steps
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     (tmp_path / "parts").mkdir()
-    stop_at_130 = ("import os, signal, runpy, sys\nimport pretrain_offline as po\n_update = po.Progress.update\n"
-                   "def update(self, step, *a, **k):\n    if step == 130:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+    short = [*flags, "--total-steps", 120]
+    stop_at_100 = ("import os, signal, runpy, sys\nimport pretrain_offline as po\n_update = po.Progress.update\n"
+                   "def update(self, step, *a, **k):\n    if step == 100:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
                    "    return _update(self, step, *a, **k)\npo.Progress.update = update\n"
-                   f"sys.argv = ['pretrain_offline.py', *{list(map(str, flags))!r}]\n"
+                   f"sys.argv = ['pretrain_offline.py', *{list(map(str, short))!r}]\n"
                    "po.handle_interrupts()\npo.main(po.tyro.cli(po.Args))\n")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    stopped = subprocess.run([sys.executable, "-c", stop_at_130], cwd=tmp_path / "parts", env=env, capture_output=True,
+    stopped = subprocess.run([sys.executable, "-c", stop_at_100], cwd=tmp_path / "parts", env=env, capture_output=True,
                              text=True, timeout=600)
-    state = tmp_path / "parts" / "checkpoints" / "hopper-medium-v2__cql__3.pt.state"
+    checkpoint = tmp_path / "parts" / "checkpoints" / "hopper-medium-v2__cql__3.pt"
+    state = checkpoint.with_name(checkpoint.name + ".state")
     assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
     assert f"--resume continues from step 80 ({os.path.join('checkpoints', state.name)})" in stopped.stderr
-    assert state.exists() and not state.with_suffix("").exists()
-    other = run_script("pretrain_offline.py", *flags, "--resume", "--batch-size", 32, cwd=tmp_path / "parts")
-    assert other.returncode != 0 and "another --batch-size; resume with the flags" in other.stderr
-    resumed = run_script("pretrain_offline.py", *flags, "--resume", cwd=tmp_path / "parts")
+    assert state.exists() and not checkpoint.exists()
+    other = run_script("pretrain_offline.py", *short, "--resume", "--batch-size", 32, cwd=tmp_path / "parts")
+    assert other.returncode == 1 and "another --batch-size; resume with the flags" in other.stderr
+    resumed = run_script("pretrain_offline.py", *short, "--resume", cwd=tmp_path / "parts")  # steps 81-120
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    assert not state.exists() and len(os.listdir(tmp_path / "parts" / "runs")) == 1  # one run, one log folder
-    whole, parts = (torch.load(folder / "checkpoints" / "hopper-medium-v2__cql__3.pt", weights_only=True)
+    assert checkpoint.exists() and torch.load(state, weights_only=True)["step"] == 120
+    extended = run_script("pretrain_offline.py", *flags, "--resume", "--overwrite", cwd=tmp_path / "parts")  # to 200
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "parts" / "runs")) == 1  # one run, one log folder
+    whole, parts = (torch.load(folder / "checkpoints" / checkpoint.name, weights_only=True)
                     for folder in (tmp_path / "whole", tmp_path / "parts"))
     for key in ("actor", "critic", "cvae", "cvae_calibration"):
         assert whole[key].keys() == parts[key].keys()
