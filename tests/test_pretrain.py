@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -229,15 +228,21 @@ def test_an_empty_dataset_is_refused(tmp_path):
 
 def test_ctrl_c_in_training_leaves_no_checkpoint_and_exits_130(minari_store, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain_offline.py"), "--env-id", "hopper-medium-v2",
-                                "--algo", "td3bc", "--total-steps", "1000000", "--hidden-dims", "64", "64"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    announce = ("import torch.optim\n_step, calls = torch.optim.Adam.step, []\n"  # training is under way
+                "def step(self, *a, **k):\n    calls.append(1)\n"
+                "    if len(calls) == 100:\n        print('training', flush=True)\n    return _step(self, *a, **k)\n"
+                "torch.optim.Adam.step = step\n")
+    argv = ["pretrain_offline.py", "--env-id", "hopper-medium-v2", "--algo", "td3bc", "--total-steps", "1000000",
+            "--hidden-dims", "64", "64"]
+    code = (f"import runpy, sys\n{announce}sys.argv = {argv!r}\n"
+            f"runpy.run_path({str(ROOT / argv[0])!r}, run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
                                # a CI runner may start us with SIGINT ignored; a user's terminal never does
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("runs/*/events*")):
-        time.sleep(0.5)  # training has started once the TensorBoard file exists
-    time.sleep(2)
+    for line in process.stdout:
+        if line.startswith("training"):
+            break
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr and "interrupted at step" in stderr
