@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_dataset, run_script
+from conftest import ROOT, make_tiny_dataset, run_cases, run_script
 
 sys.path.insert(0, str(ROOT))
 import pretrain_offline as po  # noqa: E402  (module-level code only defines; the run sits under __main__)
@@ -23,8 +23,9 @@ def checkpoints(minari_store, tmp_path_factory):
     """One tiny pretraining run per algorithm on the session's local/hopper/medium-v0, via its D4RL-style name."""
     cwd = tmp_path_factory.mktemp("pretrain")
     results = {}
-    for algo in ["cql", "td3bc", "awac"]:
-        result = run_script("pretrain_offline.py", "--env-id", "hopper-medium-v2", "--algo", algo, *TINY, cwd=cwd)
+    algos = ["cql", "td3bc", "awac"]  # the three runs one after the other in one process (conftest's run_cases)
+    for algo, result in zip(algos, run_cases([("pretrain_offline.py", ["--env-id", "hopper-medium-v2", "--algo", algo,
+                                                                       *TINY]) for algo in algos], cwd=cwd)):
         assert result.returncode == 0, result.stderr[-2000:]
         results[algo] = (cwd / "checkpoints" / f"hopper-medium-v2__{algo}__1.pt", result.stdout)
     return results
@@ -260,7 +261,8 @@ def test_the_cvae_gives_dataset_actions_higher_p_than_random_actions(minari_stor
     """Dataset actions are a fixed function of the state (plus small noise): the default estimator must separate
     them from uniform random actions at the same states."""
     result = run_script("pretrain_offline.py", "--env-id", "local/hopper/medium-v0", "--algo", "td3bc",
-                        "--total-steps", 1, "--cvae-steps", 3000, "--eval-episodes", 1, cwd=tmp_path)
+                        "--total-steps", 1, "--cvae-steps", 3000, "--eval-episodes", 1, "--hidden-dims", 64, 64,
+                        cwd=tmp_path)  # 64x64: AUROC elbo 0.999, latent 0.995
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "checkpoints" / "local-hopper-medium-v0__td3bc__1.pt", weights_only=True)
     cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"], checkpoint["hidden_dims"])
