@@ -6,6 +6,7 @@ the scripts' real loading code.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -19,6 +20,13 @@ import torch
 # The tests' networks are tiny: one thread in this process, as every script run below gets (OMP_NUM_THREADS=1).
 # With more, a core busy with other work stalls every op (a 32x32 C-VAE step took 0.2 s instead of 2 ms).
 torch.set_num_threads(1)
+# ... and in every process the tests start (the scripts, run_cases, and pytest-xdist's workers, which inherit it), so
+# that two workers on two cores never oversubscribe them.
+os.environ["OMP_NUM_THREADS"] = "1"
+# Nothing is downloaded: a test that reaches Minari's download (a dataset found nowhere) gets huggingface_hub's
+# immediate offline refusal instead of a name lookup retried with back-off for ~25 s (CI has no network), and a machine
+# with a network never fetches a real dataset.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER_REF = (-20.272305, 3234.3)  # D4RL's reference scores for hopper
@@ -70,6 +78,30 @@ def make_tiny_dataset(dataset_id: str, gym_id: str = "Hopper-v5", steps: int = 2
         episode += 1
     kwargs = {} if ref_scores is None else dict(ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
     return minari.create_dataset_from_buffers(dataset_id, buffers, env=env.spec, algorithm_name="tests", **kwargs)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills, made once for the whole test session and returned as this process's own copy.
+    Under pytest-xdist each worker is its own process with its own session fixtures: the first worker to get here
+    builds the folder under a file lock in the directory all workers' temporary directories share, the others wait for
+    it, and each copies it, so that no worker sees what another one's tests write. Without workers it is built here."""
+    own = tmp_path_factory.mktemp(name)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        build(own)
+        return own
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # this run's: pytest-N/, beside popen-gw0/ ...
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+            shared.mkdir()
+            build(shared)
+            (shared / ".built").touch()
+    shutil.copytree(shared, own, symlinks=True, dirs_exist_ok=True)
+    (own / ".built").unlink()
+    return own
 
 
 @pytest.fixture(scope="session")
@@ -151,19 +183,24 @@ TINY_PRETRAIN = ["--total-steps", 40, "--cvae-steps", 40, "--eval-freq", 40, "--
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """A folder holding a 400-step `local/hopper/medium-v0` in its own Minari store and a tiny checkpoint of it (16x16
-    networks, 40 steps, seed 1) per offline algorithm, pretrained once for the session. `env` runs a script against
-    that store; `checkpoint(algo)` is a checkpoint's path. Tests copy a checkpoint before changing it."""
-    base = tmp_path_factory.mktemp("tiny-checkpoints")
+    networks, 40 steps, seed 1) per offline algorithm, pretrained once for the session (once for all workers: see
+    built_once). `env` runs a script against that store; `checkpoint(algo)` is a checkpoint's path. Tests copy a checkpoint before changing it."""
+    algos = ("cql", "td3bc", "awac", "iql")
+
+    def build(folder):
+        env = dict(os.environ, MINARI_DATASETS_PATH=str(folder / "store"), CUDA_VISIBLE_DEVICES="",
+                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])
+            make_tiny_dataset(TINY_ID, steps=400)
+        results = run_cases([("pretrain_offline.py", ["--env-id", TINY_ID, "--algo", algo, *TINY_PRETRAIN])
+                             for algo in algos], cwd=folder, env=env)
+        for algo, result in zip(algos, results):
+            assert result.returncode == 0, (algo, result.stderr[-3000:])
+
+    base = built_once(tmp_path_factory, "tiny-checkpoints", build)
     env = dict(os.environ, MINARI_DATASETS_PATH=str(base / "store"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])
-        make_tiny_dataset(TINY_ID, steps=400)
-    algos = ("cql", "td3bc", "awac", "iql")
-    results = run_cases([("pretrain_offline.py", ["--env-id", TINY_ID, "--algo", algo, *TINY_PRETRAIN])
-                         for algo in algos], cwd=base, env=env)
-    for algo, result in zip(algos, results):
-        assert result.returncode == 0, (algo, result.stderr[-3000:])
     return types.SimpleNamespace(
         base=base, env=env, store=base / "store", dataset_id=TINY_ID,
         checkpoint=lambda algo: base / "checkpoints" / f"{TINY_ID.replace('/', '-')}__{algo}__1.pt")

@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_dataset, run_script
+from conftest import ROOT, make_tiny_dataset, run_cases, run_script
 
 sys.path.insert(0, str(ROOT))
 import pretrain_offline as po  # noqa: E402  (module-level code only defines; the run sits under __main__)
@@ -24,8 +23,9 @@ def checkpoints(minari_store, tmp_path_factory):
     """One tiny pretraining run per algorithm on the session's local/hopper/medium-v0, via its D4RL-style name."""
     cwd = tmp_path_factory.mktemp("pretrain")
     results = {}
-    for algo in ["cql", "td3bc", "awac"]:
-        result = run_script("pretrain_offline.py", "--env-id", "hopper-medium-v2", "--algo", algo, *TINY, cwd=cwd)
+    algos = ["cql", "td3bc", "awac"]  # the three runs one after the other in one process (conftest's run_cases)
+    for algo, result in zip(algos, run_cases([("pretrain_offline.py", ["--env-id", "hopper-medium-v2", "--algo", algo,
+                                                                       *TINY]) for algo in algos], cwd=cwd)):
         assert result.returncode == 0, result.stderr[-2000:]
         results[algo] = (cwd / "checkpoints" / f"hopper-medium-v2__{algo}__1.pt", result.stdout)
     return results
@@ -229,13 +229,20 @@ def test_an_empty_dataset_is_refused(tmp_path):
 
 def test_ctrl_c_in_training_leaves_no_checkpoint_and_exits_130(minari_store, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain_offline.py"), "--env-id", "hopper-medium-v2",
-                                "--algo", "td3bc", "--total-steps", "1000000", "--hidden-dims", "64", "64"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    announce = ("import torch.optim\n_step, calls = torch.optim.Adam.step, []\n"  # training is under way
+                "def step(self, *a, **k):\n    calls.append(1)\n"
+                "    if len(calls) == 100:\n        print('training', flush=True)\n    return _step(self, *a, **k)\n"
+                "torch.optim.Adam.step = step\n")
+    argv = ["pretrain_offline.py", "--env-id", "hopper-medium-v2", "--algo", "td3bc", "--total-steps", "1000000",
+            "--hidden-dims", "64", "64"]
+    code = (f"import runpy, sys\n{announce}sys.argv = {argv!r}\n"
+            f"runpy.run_path({str(ROOT / argv[0])!r}, run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
                                # a CI runner may start us with SIGINT ignored; a user's terminal never does
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in process.stdout:  # the first progress line: training runs
-        if line.startswith("step "):
+    for line in process.stdout:
+        if line.startswith("training"):
             break
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -291,7 +298,8 @@ def test_the_cvae_gives_dataset_actions_higher_p_than_random_actions(minari_stor
     """Dataset actions are a fixed function of the state (plus small noise): the default estimator must separate
     them from uniform random actions at the same states."""
     result = run_script("pretrain_offline.py", "--env-id", "local/hopper/medium-v0", "--algo", "td3bc",
-                        "--total-steps", 1, "--cvae-steps", 3000, "--eval-episodes", 1, cwd=tmp_path)
+                        "--total-steps", 1, "--cvae-steps", 3000, "--eval-episodes", 1, "--hidden-dims", 64, 64,
+                        cwd=tmp_path)  # 64x64: AUROC elbo 0.999, latent 0.995
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "checkpoints" / "local-hopper-medium-v0__td3bc__1.pt", weights_only=True)
     cvae = po.CVAE(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["latent_dim"], checkpoint["hidden_dims"])

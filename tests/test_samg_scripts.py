@@ -98,7 +98,8 @@ def finished(tiny_checkpoints, tmp_path_factory):
             printed = [read_until(process, "the offline policy scores") for process in processes]
     results = {}
     for (script, run_dir), process, before in zip(runs, processes, printed + [""] * len(runs)):
-        stdout, stderr = process.communicate()
+        stdout, stderr = process.stdout.read(), process.stderr.read()  # not communicate(): it would skip what
+        process.wait()  # read_until's reading ahead has buffered (the whole rest of a run that finished meanwhile)
         result = subprocess.CompletedProcess(process.args, process.returncode, before + stdout, stderr)
         saved = [line.removeprefix("saved ") for line in result.stdout.splitlines() if line.startswith("saved ")]
         results.setdefault(script, []).append((result, Path(saved[0]).parent if saved else None))
