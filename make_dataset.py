@@ -94,12 +94,6 @@ class Args:
     """the name of this experiment, part of the run name"""
     run_dir: str = "runs"
     """TensorBoard logs of the behaviour agent go to {run_dir}/{run_name}"""
-    track: bool = False
-    """also log the behaviour agent to Weights and Biases"""
-    wandb_project_name: str = "samg"
-    """the wandb project"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
     cuda: bool = True
     """train on CUDA when it is available"""
     threads: int = 0
@@ -581,8 +575,8 @@ def stop_as_on_ctrl_c(number, frame):
 
 
 def ignore_stop_signals():  # from here on: once a run stops, or once it begins its final writes
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    for number in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a signal caught as the handlers change
+        signal.signal(number, lambda *_: None)  # would then raise OSError("... ignored due to race condition")
 
 
 def handle_interrupts():
@@ -630,14 +624,7 @@ def left_by_dead_writer(path: str, match: re.Match) -> bool:
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
+    """TensorBoard log in {run_dir}/{run_name}, the hyperparameters as a table."""
     writer = SummaryWriter(os.path.join(args.run_dir, run_name))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
     return writer

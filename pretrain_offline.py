@@ -103,12 +103,6 @@ class Args:
     """TensorBoard logs go to {run_dir}/{run_name}"""
     exp_name: str = "pretrain"
     """name of this experiment (part of the run name)"""
-    track: bool = False
-    """also log to Weights and Biases"""
-    wandb_project_name: str = "samg"
-    """Weights and Biases project"""
-    wandb_entity: Optional[str] = None
-    """Weights and Biases entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
     threads: int = 0
@@ -600,8 +594,8 @@ def main(args: Args):
             if step % args.eval_freq == 0:
                 score = run_evaluation(step)
             if args.save_every and (step % args.save_every == 0 or step == total_steps):  # before the last step's
-                save_checkpoint(training_state(args, nets, opts, step, run_name, score), state_path, replace=True)
-                saved = step  # own evaluation, which a longer run would not make (CQL's evaluation draws numbers)
+                state = training_state(args, nets, opts, step, run_name, score)  # own evaluation, which a longer
+                saved = step if save_training_state(state, state_path) else saved  # run would not make (CQL's draws)
             if step == total_steps and step % args.eval_freq:
                 score = run_evaluation(step)
             progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
@@ -693,8 +687,8 @@ def stop_as_on_ctrl_c(number, frame):
 
 
 def ignore_stop_signals():  # from here on: once a run stops, or once it begins its final writes
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    for number in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a signal caught as the handlers change
+        signal.signal(number, lambda *_: None)  # would then raise OSError("... ignored due to race condition")
 
 
 def handle_interrupts():
@@ -742,14 +736,7 @@ def left_by_dead_writer(path: str, match: re.Match) -> bool:
 
 
 def open_run_log(args, run_name: str, settings: dict) -> SummaryWriter:
-    """TensorBoard log in {run_dir}/{run_name} (and Weights and Biases with --track), hyperparameters as a table."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb; install it with `pip install wandb` or leave out --track")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=settings, name=run_name, save_code=True)
+    """TensorBoard log in {run_dir}/{run_name}, the hyperparameters as a table."""
     writer = SummaryWriter(os.path.join(args.run_dir, run_name))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
     return writer
@@ -1313,8 +1300,8 @@ def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: d
 
 
 # The training state of --save-every and --resume: what the loop needs to continue exactly where it stopped.
-NOT_LEARNED = ("total_steps", "save_every", "resume", "overwrite", "checkpoint_dir", "run_dir", "exp_name", "track",
-               "wandb_project_name", "wandb_entity", "threads")  # may differ on resume (evaluation may not: it draws)
+NOT_LEARNED = ("total_steps", "save_every", "resume", "overwrite", "checkpoint_dir", "run_dir", "exp_name",
+               "threads")  # may differ on resume (evaluation may not: it draws from the random stream)
 
 
 def training_state(args: Args, nets: dict, opts: dict, step: int, run_name: str, score: float) -> dict:
@@ -1325,9 +1312,18 @@ def training_state(args: Args, nets: dict, opts: dict, step: int, run_name: str,
             "opts": {k: opt.state_dict() for k, opt in opts.items()}}
 
 
+def save_training_state(state: dict, path: str) -> bool:
+    """Staged as a checkpoint is; a failed write (a full disk) is one line and training goes on without it."""
+    try:
+        return save_checkpoint(state, path, replace=True) or True
+    except (OSError, RuntimeError) as exc:
+        print(f"could not write {path} ({getattr(exc, 'strerror', None) or exc}); training goes on", file=sys.stderr)
+        return False
+
+
 def resume_training(path: str, args: Args, nets: dict, opts: dict):
-    """Loads the state written after step `step` into the networks, optimizers and random stream; returns the step,
-    the run's name (its log continues in the same folder) and its last evaluation score."""
+    """Loads the state into the networks, optimizers and random stream; returns its step, the run's name (its log
+    continues in the same folder) and the last evaluation's score."""
     if not os.path.isfile(path):
         fail(f"no training state at {path} to resume from; run without --resume, or with the --checkpoint-dir, "
              "--env-id, --algo and --seed of the stopped run")
@@ -1342,16 +1338,14 @@ def resume_training(path: str, args: Args, nets: dict, opts: dict):
         fail(f"{path} was trained with another {', '.join(changed)}; resume with the flags the run was started with")
     if state["step"] > max(args.total_steps, args.cvae_steps):
         fail(f"{path} is at step {state['step']}, beyond --total-steps {args.total_steps}; raise --total-steps")
-    for key, value in state["nets"].items():
-        with torch.no_grad():
-            nets[key].load_state_dict(value) if isinstance(nets[key], nn.Module) else (
-                nets[key].copy_(value) if isinstance(nets[key], torch.Tensor) else None)
+    for key, value in ((k, v) for k, v in state["nets"].items() if isinstance(nets[k], (nn.Module, torch.Tensor))):
+        nets[key].load_state_dict(value) if isinstance(nets[key], nn.Module) else nets[key].data.copy_(value)
     for key, value in state["opts"].items():
         opts[key].load_state_dict(value)
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    print(f"resuming {state['run_name']} after step {state['step']}", flush=True)
+    print(f"resuming {state['run_name']} after step {state['step']}")
     return state["step"], state["run_name"], state["score"]
 
 

@@ -829,9 +829,11 @@ def stop_as_on_ctrl_c(number, frame):
 
 
 def hold_signals():
-    """Ctrl-C, SIGTERM and SIGHUP are ignored from here on: the run has stopped or finished and saves what it has."""
+    """Ctrl-C, SIGTERM and SIGHUP are ignored from here on: the run has stopped or finished and saves what it has.
+    The handler does nothing rather than SIG_IGN: a signal caught just as the handlers change would then raise
+    OSError("Signal 2 ignored due to race condition") wherever the run is."""
     for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+        signal.signal(number, lambda *_: None)
 
 
 def run_main(main, args_type):

@@ -36,7 +36,7 @@ On a cluster, each stage is one job array and each array task one run:
     python benchmark/run_suite.py --preset paper --stage pretrain --count                   # the array's size
     python benchmark/run_suite.py --preset paper --stage pretrain --print-commands          # line N is run N
     python benchmark/run_suite.py --preset paper --stage pretrain --index 7                 # run 7 only
-    python benchmark/run_suite.py --preset paper --stage online --online-args="--track"     # N = $SLURM_ARRAY_TASK_ID
+    python benchmark/run_suite.py --preset paper --stage online --online-args="--no-cuda"   # N = $SLURM_ARRAY_TASK_ID
 
 `--stage S --index N` runs the N-th run (from 0) of stage S, in the order of `--print-commands --stage S`; N defaults
 to `$SLURM_ARRAY_TASK_ID`. The indices cover every run of the stage, done or not, so they never shift: a run that is
@@ -44,8 +44,8 @@ done (or that nothing still to do needs) is skipped, which makes re-submitting a
 inputs are not done yet stops with an error that names them. Its output goes to stdout (SLURM's output file).
 `benchmark/paper.sbatch` submits the paper preset as three arrays chained with `--dependency=afterok`.
 `--dataset-args`, `--pretrain-args` and `--online-args` add flags to every run of a stage (make_dataset.py,
-pretrain_offline.py and the online scripts), after the preset's own, e.g. `--online-args="--track
---wandb-project-name samg"`; write them with `=`, as their values start with `--`.
+pretrain_offline.py and the online scripts), after the preset's own, e.g. `--online-args="--no-cuda
+--eval-episodes 10"`; write them with `=`, as their values start with `--`.
 
 The suite gives each run `--threads` OMP/MKL threads (default 1); a cluster launcher running the printed lines
 should set OMP_NUM_THREADS itself.
@@ -251,7 +251,7 @@ class Args:
     pretrain_args: str = ""
     """flags added to every pretraining run, as one shell line given with `=` (see --online-args)"""
     online_args: str = ""
-    """flags added to every online run, as one shell line given with `=`, e.g. --online-args="--track --no-cuda";
+    """flags added to every online run, as one shell line given with `=`, e.g. --online-args="--no-cuda --eval-episodes 10";
     they come after the preset's flags, so they also override them"""
     workers: int = 2
     """runs at the same time"""

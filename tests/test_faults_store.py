@@ -249,7 +249,7 @@ def test_a_writer_whose_staging_another_process_removed_says_so_in_one_sentence(
 # --- a second signal cannot cut a stop or the final write short, and never prints a traceback ---
 TERM = "import os, signal\ndef term():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
 AT_SAVE = ("import torch\n_save = torch.save\ndef save(obj, f, *a, **k):\n"
-           "    if '.tmp-' in str(f):\n        term(); term()\n    return _save(obj, f, *a, **k)\ntorch.save = save\n")
+           "    if '.pt.tmp-' in str(f):\n        term(); term()\n    return _save(obj, f, *a, **k)\ntorch.save = save\n")
 IN_TRAINING = ("import torch.optim\n_step, calls = torch.optim.Adam.step, []\ndef step(self, *a, **k):\n"
                "    calls.append(1)\n    if len(calls) == 5:\n        term()\n    return _step(self, *a, **k)\n"
                "torch.optim.Adam.step = step\n")
@@ -300,7 +300,7 @@ def test_a_second_signal_cannot_cut_a_stop_or_the_final_write_short(lab, tmp_pat
 
 
 SLOW_SAVE = ("import sys, time, torch\n_save = torch.save\ndef save(obj, f, *a, **k):\n"
-             "    if '.tmp-' in str(f):\n        print('saving', flush=True)\n        time.sleep(0.3)\n"
+             "    if '.pt.tmp-' in str(f):\n        print('saving', flush=True)\n        time.sleep(0.3)\n"
              "    return _save(obj, f, *a, **k)\ntorch.save = save\n")
 MOMENTS = {  # moment: (what the run prints just before it, what makes it)
     "as the last progress line is printed (before the C-VAE's calibration and the save)": ("step 40/40", None),
