@@ -593,12 +593,12 @@ def main(args: Args):
                 writer.add_scalar("charts/SPS", (step - start) / (time.time() - start_time), step)
             if step % args.eval_freq == 0:
                 score = run_evaluation(step)
-            if args.save_every and (step % args.save_every == 0 or step == total_steps):  # before the last step's
-                state = training_state(args, nets, opts, step, run_name, score)  # own evaluation, which a longer
-                saved = step if save_training_state(state, state_path) else saved  # run would not make (CQL's draws)
-            if step == total_steps and step % args.eval_freq:
-                score = run_evaluation(step)
+            if args.save_every and (step % args.save_every == 0 or step == total_steps):
+                state = training_state(args, nets, opts, step, run_name, score)
+                saved = step if save_training_state(state, state_path) else saved
             progress.update(step, "" if math.isnan(score) else f"eval normalized score {score:.1f}")
+        if step % args.eval_freq:  # the last step's own evaluation, after its state: a longer run would not make it
+            score = run_evaluation(step)  # (and CQL's evaluation draws from the random stream)
     except KeyboardInterrupt:
         writer.close()
         resume = f"; --resume continues from step {saved} ({state_path})" if saved is not None else ""
@@ -1263,6 +1263,11 @@ def checkpoint_bytes(networks, extra_values: int = 0) -> int:
 
 
 
+def plain_args(args: Args) -> dict:
+    """The flags as weights_only loading reads them back (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
 def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: dict, calibration: dict,
                      score: float, transforms: dict):
     """The checkpoint the online scripts load (CHECKPOINT_KEYS), with the transforms applied to the data."""
@@ -1284,7 +1289,7 @@ def write_checkpoint(path: str, args: Args, dataset_id: str, data: dict, nets: d
         "cvae": {k: v.cpu() for k, v in cvae.state_dict().items()},
         "cvae_calibration": calibration,
         "offline_normalized_score": score,
-        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+        "args": plain_args(args),
     }
     if args.algo == "cql":
         checkpoint["log_alpha"] = nets["log_alpha"].detach().cpu()
@@ -1307,8 +1312,8 @@ NOT_LEARNED = ("total_steps", "save_every", "resume", "overwrite", "checkpoint_d
 def training_state(args: Args, nets: dict, opts: dict, step: int, run_name: str, score: float) -> dict:
     return {"step": step, "run_name": run_name, "score": score, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-            "nets": {k: v.state_dict() if isinstance(v, nn.Module) else v for k, v in nets.items()},
+            "args": plain_args(args), "nets": {k: v.state_dict() if isinstance(v, nn.Module) else v
+                                               for k, v in nets.items()},
             "opts": {k: opt.state_dict() for k, opt in opts.items()}}
 
 
@@ -1329,7 +1334,7 @@ def resume_training(path: str, args: Args, nets: dict, opts: dict):
              "--env-id, --algo and --seed of the stopped run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        ours = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+        ours = plain_args(args)
         changed = [flag(k) for k in sorted(set(ours) | set(state["args"]))
                    if k not in NOT_LEARNED and ours.get(k) != state["args"].get(k)]
     except Exception as exc:

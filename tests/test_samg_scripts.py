@@ -6,6 +6,7 @@ Speed: the checkpoints are pretrained once per session (conftest's tiny_checkpoi
 tests inspect are made once per module, all at once; the refusals run as one table in one process (conftest's
 run_cases); the tests that look inside a run call the script's main() in this process. Nothing waits a number of
 seconds: a signal is sent once the run has printed the line that says where it is."""
+import concurrent.futures
 import math
 import os
 import re
@@ -98,8 +99,12 @@ def finished(tiny_checkpoints, tmp_path_factory):
             printed = [read_until(process, "the offline policy scores") for process in processes]
     results = {}
     for (script, run_dir), process, before in zip(runs, processes, printed + [""] * len(runs)):
-        stdout, stderr = process.stdout.read(), process.stderr.read()  # not communicate(): it would skip what
-        process.wait()  # read_until's reading ahead has buffered (the whole rest of a run that finished meanwhile)
+        # not communicate(): it would skip what read_until's reading ahead has buffered (the whole rest of a run
+        # that finished meanwhile); stderr is drained beside stdout, so a full pipe cannot stall the run
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stderr = pool.submit(process.stderr.read)
+            stdout, stderr = process.stdout.read(), stderr.result()
+        process.wait()
         result = subprocess.CompletedProcess(process.args, process.returncode, before + stdout, stderr)
         saved = [line.removeprefix("saved ") for line in result.stdout.splitlines() if line.startswith("saved ")]
         results.setdefault(script, []).append((result, Path(saved[0]).parent if saved else None))
