@@ -224,6 +224,19 @@ def run_scores(steps: np.ndarray, values: np.ndarray, total_steps: int, final_ev
     }
 
 
+def scored_runs(runs: List[dict], final_evals: int, dip_fraction: float) -> List[dict]:
+    """Per run with an evaluation curve: its cell, method, seed, checkpoint_seed and run_scores."""
+    per_run = []
+    for run in runs:
+        steps, values = run["scalars"][SCORE_TAG]
+        total_steps = run["meta"].get("total_timesteps") or int(steps.max())
+        scores = run_scores(steps, values, total_steps, final_evals, dip_fraction,
+                            run["meta"].get("learning_starts") or 0)
+        per_run.append({**{k: run["meta"][k] for k in ("env_id", "algo", "method", "seed")},
+                        "checkpoint_seed": run["meta"].get("checkpoint_seed", 1), **scores})
+    return per_run
+
+
 def bootstrap_mean_ci(values, reps: int, seed: int) -> Tuple[float, float, float]:
     """Mean of the finite values and its 95% percentile bootstrap interval (values resampled with replacement,
     `reps` times, by numpy's default_rng(seed)); NaNs when there are no finite values."""
@@ -764,18 +777,9 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
         runs = [run for run in runs if run["meta"]["env_id"] in args.env_ids]
         if not runs:
             fail(f"no run of --env-ids {' '.join(args.env_ids)}; the runs found are of {', '.join(found)}")
-    per_run, used = [], []
-    for run in runs:
-        if SCORE_TAG not in run["scalars"]:
-            print(f"warning: run {run['id']} has no {SCORE_TAG}; left out")
-            continue
-        steps, values = run["scalars"][SCORE_TAG]
-        total_steps = run["meta"].get("total_timesteps") or int(steps.max())
-        scores = run_scores(steps, values, total_steps, args.final_evals, args.dip_fraction,
-                            run["meta"].get("learning_starts") or 0)
-        per_run.append({**{k: run["meta"][k] for k in ("env_id", "algo", "method", "seed")},
-                        "checkpoint_seed": run["meta"].get("checkpoint_seed", 1), **scores})
-        used.append(run)
+    used = [run for run in runs if SCORE_TAG in run["scalars"] or print(
+        f"warning: run {run['id']} has no {SCORE_TAG}; left out")]
+    per_run = scored_runs(used, args.final_evals, args.dip_fraction)
     if not used:
         fail(f"no run has {SCORE_TAG}; are these the online scripts' logs?")
     if args.export_csv:

@@ -2,6 +2,7 @@
 differences) and what its 3-checkpoint percentile interval can show, against values worked out here by hand or by
 enumeration written independently of the report's code."""
 import itertools
+import json
 import math
 
 import numpy as np
@@ -206,3 +207,62 @@ def test_the_pooled_section_of_the_markdown_shows_counts_means_and_both_p_values
     p = report.format_p(brute_force_sign_flip_p([-1.0, 3.0, 1.0, -3.0, 3.0]))
     assert f"| samg-static | none | final | 2 | 5 | 2 / 3 / 0 | 0.6 | {p} | 1.00 |" in body
     assert report.format_p(0.0547) == "0.055" and report.format_p(0.61) == "0.61" and report.format_p(1.0) == "1.00"
+
+
+# --- benchmark/budget_effect.py: the change of an arm's effect between two pretraining budgets ---
+def budget_effect():
+    import sys
+
+    sys.path.insert(0, str(load_script.__globals__["ROOT"] / "benchmark"))  # it imports report as a sibling
+    return load_script("budget_effect", "benchmark")
+
+
+def brute_force_two_sample_p(x, y):
+    """Every ordering of the pooled values written out (n! of them, each split counted as often as any other): the
+    share whose first len(x) values' mean is at least as far from the rest's as the observed split."""
+    pooled, n = list(x) + list(y), len(x)
+    observed = abs(sum(x) / n - sum(y) / len(y))
+    orders = list(itertools.permutations(pooled))
+    hits = sum(abs(sum(o[:n]) / n - sum(o[n:]) / len(y)) >= observed - 1e-9 for o in orders)
+    return hits / len(orders)
+
+
+def test_two_sample_permutation_p_by_hand_and_against_every_ordering():
+    module = budget_effect()
+    # 1 2 3 against 4 5 6: only this split and its mirror reach |2 - 5| = 3 among the 20 ways to choose three
+    assert module.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)
+    # 1 2 against 3 4 5: |1.5 - 4| = 2.5, reached by this split and by 4 5 against 1 2 3, 2 of the 10 ways to choose two
+    assert module.permutation_p([1, 2], [3, 4, 5]) == pytest.approx(2 / 10)
+    assert module.permutation_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert math.isnan(module.permutation_p([], [1.0]))
+    rng = np.random.default_rng(3)
+    for sizes in ((3, 3), (3, 2), (2, 4)):
+        x, y = rng.normal(size=sizes[0]).round(2), (rng.normal(size=sizes[1]) + 1).round(2)
+        assert module.permutation_p(x, y) == pytest.approx(brute_force_two_sample_p(x, y))
+
+
+def test_budget_effect_reads_two_exported_cells_and_pairs_each_arm_with_the_reference_per_checkpoint(tmp_path, capsys):
+    """Two synthetic exports: at the short budget the arm ends 4 below `none` on each of 3 checkpoints, at the long
+    one 1 below on each of 3; the change is +3 with the smallest p 3 and 3 checkpoints can give (0.1)."""
+    module = budget_effect()
+    for folder, gap, method in (("short", -4.0, "samg"), ("long", -1.0, "samg-adaptive")):
+        directory = tmp_path / folder
+        directory.mkdir()
+        for checkpoint in (1, 2, 3):
+            for seed in (1, 2):
+                for arm, end in (("none", 50.0 + checkpoint + seed), (method, 50.0 + checkpoint + seed + gap)):
+                    run_id = f"cell__{arm}__{checkpoint}{seed}"
+                    (directory / f"{run_id}.csv").write_text(
+                        "step,eval/normalized_score\n0,40.0\n5000,30.0\n10000,45.0\n15000,"
+                        f"{end}\n20000,{end}\n25000,{end}\n")
+                    (directory / f"{run_id}.json").write_text(json.dumps({
+                        "env_id": "x/y-v0", "algo": "td3bc", "method": arm, "seed": seed, "checkpoint_seed": checkpoint,
+                        "total_timesteps": 25000, "learning_starts": 5000}))
+    module.main(module.Args(short=str(tmp_path / "short"), long=str(tmp_path / "long"), env_id="x/y-v0",
+                            rename=["samg=samg-adaptive"], out=str(tmp_path / "table.md")))
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines()
+               if line.startswith("| samg-adaptive | final |"))
+    assert row == ("| samg-adaptive | final | 3, -4.0 (-4.0, -4.0, -4.0) | 3, -1.0 (-1.0, -1.0, -1.0) | +3.0 | 0.10 |")
+    with pytest.raises(SystemExit):  # a reference arm the cell lacks: one sentence
+        module.main(module.Args(short=str(tmp_path / "short"), long=str(tmp_path / "long"), env_id="x/y-v0",
+                                reference="offline-0.5"))
