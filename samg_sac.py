@@ -8,14 +8,15 @@ Bellman target through a coefficient p(s, a) in [0, 1] from a conditional VAE of
 
     y = r + gamma (1 - done) [(1 - p) Qbar(s', a') + p Q_off(s', a') - alpha log pi(a'|s')]   (update_critic)
 
-Familiar pairs lean on Q_off; pairs unlike the offline data (p below --p-threshold) get the plain SAC target.
-The defaults are the paper's SAMG as its abstract describes it: Q_off is frozen for the whole run, and p adapts: the
-C-VAE keeps learning on the online pairs the critic already fits ("mastered"). Where the paper is silent the defaults
-are ours, marked [our choice]: p is taken at the next pair, and it is a rank (the share of offline pairs the C-VAE
-finds less familiar), so that it means the same as the C-VAE learns. --no-adaptive freezes the C-VAE too;
+p is a rank [our choice]: the share of the offline pairs the C-VAE finds less familiar, so a pair like the median
+offline pair gets about 0.5 and one more familiar than all of them 1. Below --p-threshold (0.2: the least familiar fifth
+of the offline pairs too) p is 0 and the target is the plain SAC target. The defaults are the paper's SAMG as its
+abstract describes it: Q_off is frozen for the whole run, and p adapts: the C-VAE keeps learning on the half of each
+batch the online critic fits best ("mastered"). Where the paper is silent the defaults are ours, marked [our choice],
+e.g. p is taken at the next pair (s', a'), whose Q_off value enters the target. --no-adaptive freezes the C-VAE too;
 --coef-mode even / random / none are the paper's ablations and plain fine-tuning. The replay buffer holds online data
-only; of the offline data the checkpoint carries a sample of 2048 (s, a) pairs, used only to rank p against. The
-dataset itself is never read, except by --offline-data-ratio (the baseline that keeps it).
+only; of the offline data the checkpoint carries a sample of 2048 (s, a) pairs, used only to rank p against. The dataset
+itself is never read, except by --offline-data-ratio (the baseline that keeps it).
 """
 import contextlib
 import dataclasses
@@ -460,7 +461,7 @@ def main(args: Args):
                 if learn_cvae:
                     run.add(("samg/cvae_loss",), cvae_update(cvae, cvae_optimizer, batch[0], batch[1], td_error,
                                                              args.mastered_quantile))
-                    if (num_updates + 1) % 50 == 0:  # the C-VAE has moved: re-rank p's reference with it
+                    if (num_updates + 1) % 50 == 0:  # re-rank p's reference by the moved C-VAE [our choice]
                         coefficient.rerank()
                 run.add(ACTOR_METRICS, actor_update(batch[0], actor, critic, log_alpha, actor_optimizer,
                                                     alpha_optimizer, target_entropy))
@@ -482,8 +483,9 @@ def main(args: Args):
 
 
 # ======================================================================================================================
-# The algorithm ends here. Nothing below changes what is learned: checks of flags and of the checkpoint, the offline
-# data of --offline-data-ratio, evaluation, the run's directory, logs, progress, interrupts and model.pt.
+# The algorithm ends here. Below: checks of the flags, reading and checking the checkpoint (its weights go into the
+# classes above unchanged) and the environment, the offline data of --offline-data-ratio (the only part below that
+# changes what is learned, and only with that flag), evaluation, the run's directory, logs, interrupts and model.pt.
 # ======================================================================================================================
 
 
