@@ -210,11 +210,16 @@ def test_the_pooled_section_of_the_markdown_shows_counts_means_and_both_p_values
 
 
 # --- benchmark/budget_effect.py: the change of an arm's effect between two pretraining budgets ---
-def budget_effect():
+def benchmark_script(name: str):
+    """A benchmark script that imports report as a sibling module."""
     import sys
 
-    sys.path.insert(0, str(load_script.__globals__["ROOT"] / "benchmark"))  # it imports report as a sibling
-    return load_script("budget_effect", "benchmark")
+    sys.path.insert(0, str(load_script.__globals__["ROOT"] / "benchmark"))
+    return load_script(name, "benchmark")
+
+
+def budget_effect():
+    return benchmark_script("budget_effect")
 
 
 def brute_force_two_sample_p(x, y):
@@ -266,3 +271,20 @@ def test_budget_effect_reads_two_exported_cells_and_pairs_each_arm_with_the_refe
     with pytest.raises(SystemExit):  # a reference arm the cell lacks: one sentence
         module.main(module.Args(short=str(tmp_path / "short"), long=str(tmp_path / "long"), env_id="x/y-v0",
                                 reference="offline-0.5"))
+
+
+def test_p_diagnostics_averages_each_run_over_a_window_then_the_runs(tmp_path, capsys):
+    """Two runs of one arm: p_mean 0.1 then 0.3 over steps 1k-2k in one and 0.5 in the other: the window's mean is
+    the mean of the runs' means (0.2 and 0.5 -> 0.35); Q_off - Qbar from the two columns; - where not logged."""
+    module = benchmark_script("p_diagnostics")
+    directory = tmp_path / "scalars"
+    directory.mkdir()
+    for seed, (first, second) in ((1, (0.1, 0.3)), (2, (0.5, 0.5))):
+        (directory / f"run{seed}.csv").write_text(
+            "step,samg/p_mean,samg/qoff_values,samg/qbar_values\n"
+            f"1000,{first},1.0,3.0\n2000,{second},1.0,5.0\n3000,0.9,0.0,0.0\n")
+        (directory / f"run{seed}.json").write_text(json.dumps(
+            {"env_id": "x/y-v0", "algo": "td3bc", "method": "samg-static", "seed": seed}))
+    module.main(module.Args(from_csv=[str(directory)], env_id="x/y-v0", windows=["1000-2000", "3000-3000"]))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| samg-static"))
+    assert row == "| samg-static | 2 | 0.350 / 0.900 | - | - | - | -3.0 / 0.0 |"
