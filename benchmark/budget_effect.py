@@ -12,7 +12,8 @@ difference at the long budget minus the mean at the short one, tested by an exac
 the checkpoints: every way to split the pooled checkpoint differences into groups of the two sizes, p = the share of
 splits whose |difference of means| reaches the observed one. The checkpoints of the two budgets are independent (not
 paired), so with 3 and 3 checkpoints there are 20 splits and the smallest p is 2/20 = 0.1: this test can say that the
-two budgets' effects differ only when they differ a lot and consistently.
+two budgets' effects differ only when they differ a lot and consistently. Beside it, both budgets' checkpoints pooled
+(how many point each way, report.py's exact sign-flip p): whether the arm differs from the reference at either budget.
 """
 import itertools
 import math
@@ -23,7 +24,7 @@ from typing import List, Optional
 import numpy as np
 import tyro
 
-from report import by_checkpoint, checkpoint_differences, fail, runs_from_csv, scored_runs, write_staged
+from report import by_checkpoint, checkpoint_differences, fail, pooled_test, runs_from_csv, scored_runs, write_staged
 
 SCORES = {"final": "final", "dip": "dip", "during": "mean after warm-up"}
 
@@ -89,8 +90,11 @@ def main(args: Args):
              "long pretraining budget; change = long - short, with the exact two-sample permutation p over the "
              "checkpoints (independent checkpoints; with 3 and 3 the smallest p is 0.1). Offline score: "
              "the evaluation at online step 0.", "",
+             "Both budgets pooled: the checkpoints of both, below / above the reference, and the exact sign-flip p "
+             "of their mean difference (smallest with 6 checkpoints: 0.031).", "",
              "| arm | score | short: ckpt, mean difference (each checkpoint) | long: ckpt, mean difference (each "
-             "checkpoint) | change | permutation p |", "| --- | --- | --- | --- | --- | --- |"]
+             "checkpoint) | change | permutation p | both: below / above, sign-flip p |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     offline = {name: np.mean([v.mean() for v in by_checkpoint(methods[args.reference], "offline").values()])
                for name, methods in (("short", short), ("long", long))}
     for method in [m for m in long if m in short and m != args.reference]:
@@ -100,8 +104,10 @@ def main(args: Args):
             if not d_short or not d_long:
                 continue
             each = lambda d: f"{len(d)}, {np.mean(d):+.1f} ({', '.join(f'{v:+.1f}' for v in d)})"
+            both = pooled_test(d_short + d_long)
             lines.append(f"| {method} | {name} | {each(d_short)} | {each(d_long)} | "
-                         f"{np.mean(d_long) - np.mean(d_short):+.1f} | {permutation_p(d_long, d_short):.2f} |")
+                         f"{np.mean(d_long) - np.mean(d_short):+.1f} | {permutation_p(d_long, d_short):.2f} | "
+                         f"{both['negative']} / {both['positive']}, {both['sign_flip_p']:.3f} |")
     lines += ["", f"Offline scores (mean over checkpoints): short {offline['short']:.1f}, long {offline['long']:.1f}."]
     text = "\n".join(lines) + "\n"
     print(text, end="")

@@ -267,7 +267,8 @@ def test_budget_effect_reads_two_exported_cells_and_pairs_each_arm_with_the_refe
                             rename=["samg=samg-adaptive"], out=str(tmp_path / "table.md")))
     row = next(line for line in (tmp_path / "table.md").read_text().splitlines()
                if line.startswith("| samg-adaptive | final |"))
-    assert row == ("| samg-adaptive | final | 3, -4.0 (-4.0, -4.0, -4.0) | 3, -1.0 (-1.0, -1.0, -1.0) | +3.0 | 0.10 |")
+    assert row == ("| samg-adaptive | final | 3, -4.0 (-4.0, -4.0, -4.0) | 3, -1.0 (-1.0, -1.0, -1.0) | +3.0 | 0.10 | "
+                   "6 / 0, 0.031 |")  # all 6 below: 2 of the 64 sign patterns
     with pytest.raises(SystemExit):  # a reference arm the cell lacks: one sentence
         module.main(module.Args(short=str(tmp_path / "short"), long=str(tmp_path / "long"), env_id="x/y-v0",
                                 reference="offline-0.5"))
