@@ -288,17 +288,6 @@ def guided_target(reward, done, gamma: float, next_value, next_value_offline, p)
     return reward + gamma * (1.0 - done) * torch.lerp(next_value, next_value_offline, p)
 
 
-SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/target_shift", "samg/qoff_values", "samg/qbar_values",
-                "samg/qoff_above_frac")
-
-
-def samg_metrics(p, done, gamma: float, next_value, next_value_offline) -> torch.Tensor:
-    """The SAMG_METRICS of a batch; target_shift is how far p moved the targets: gamma (1 - d) p (Q_off - Qbar)."""
-    shift = gamma * (1.0 - done) * p * (next_value_offline - next_value)
-    return torch.stack([p.mean(), (p > 0).float().mean(), shift.mean(), next_value_offline.mean(), next_value.mean(),
-                        (next_value_offline > next_value).float().mean()])
-
-
 def update_cvae_on_mastered(cvae: CVAE, cvae_optimizer, obs, actions, td_error, mastered_quantile: float):
     """Adaptive p: one ELBO step of the C-VAE on the batch's pairs that the online critic fits best ("mastered"), so
     p grows where the agent has learned. A fixed-size top-k keeps it free of host synchronisation."""
@@ -477,6 +466,17 @@ def main(args: Args):
 def fail(message: str):
     """Stops the script with one sentence for the user and a non-zero exit status, without a traceback."""
     raise SystemExit(f"error: {message}")
+
+
+SAMG_METRICS = ("samg/p_mean", "samg/p_active_frac", "samg/target_shift", "samg/qoff_values", "samg/qbar_values",
+                "samg/qoff_above_frac")
+
+
+def samg_metrics(p, done, gamma: float, next_value, next_value_offline) -> torch.Tensor:
+    """The SAMG_METRICS of a batch; target_shift is how far p moved the targets: gamma (1 - d) p (Q_off - Qbar)."""
+    shift = gamma * (1.0 - done) * p * (next_value_offline - next_value)
+    return torch.stack([p.mean(), (p > 0).float().mean(), shift.mean(), next_value_offline.mean(), next_value.mean(),
+                        (next_value_offline > next_value).float().mean()])
 
 
 FLAG_RANGES = (  # the numeric flags of the four online scripts (a flag a script lacks is skipped) and their ranges

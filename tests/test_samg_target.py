@@ -1,9 +1,9 @@
 """SAMG's Bellman target and its coefficient p(s, a), on hand-made inputs with exact expected numbers.
 
-The SAMG target block (Coefficient, guided_target, samg_metrics) is byte-identical in the four online scripts
-(test_shared_blocks.py), so its functions are taken from samg_sac.py; each script's own target, computed inside its
-update_critic, is checked separately (IQL's also in test_iql.py). update_critic does not return its target: a stand-in
-online critic (TargetProbe) whose Q is 0 reads it back from the gradient of the critic loss.
+The SAMG target block (Coefficient, guided_target) and samg_metrics (with the logging) are byte-identical in the four
+online scripts (test_shared_blocks.py), so their functions are taken from samg_sac.py; each script's own target,
+computed inside its update_critic, is checked separately (IQL's also in test_iql.py). update_critic does not return its
+target: a stand-in online critic (TargetProbe) whose Q is 0 reads it back from the gradient of the critic loss.
 """
 import functools
 import math
