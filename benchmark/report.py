@@ -777,8 +777,10 @@ def build_report(args: Args) -> Tuple[str, List[Path]]:
         runs = [run for run in runs if run["meta"]["env_id"] in args.env_ids]
         if not runs:
             fail(f"no run of --env-ids {' '.join(args.env_ids)}; the runs found are of {', '.join(found)}")
-    used = [run for run in runs if SCORE_TAG in run["scalars"] or print(
-        f"warning: run {run['id']} has no {SCORE_TAG}; left out")]
+    used = [run for run in runs if SCORE_TAG in run["scalars"]]
+    for run in runs:
+        if SCORE_TAG not in run["scalars"]:
+            print(f"warning: run {run['id']} has no {SCORE_TAG}; left out")
     per_run = scored_runs(used, args.final_evals, args.dip_fraction)
     if not used:
         fail(f"no run has {SCORE_TAG}; are these the online scripts' logs?")
