@@ -751,3 +751,26 @@ def test_every_method_is_flags_that_the_online_scripts_it_names_accept(method):
 def test_a_method_whose_flag_was_retired_is_refused_naming_the_flag():
     with pytest.raises(SystemExit, match="samg-both needs --p-at both, which was retired"):
         suite.resolve(suite.Args(preset="quick", methods=("samg-both",)))
+
+
+# --- eval_checkpoint.py: many episodes per checkpoint, paired ---
+@pytest.mark.parametrize("algo", ["cql", "td3bc", "awac", "iql"])
+def test_eval_checkpoint_replays_pretrainings_own_last_evaluation(tiny_checkpoints, algo):
+    # pretraining's last evaluation (1 episode from environment seed 1 + 10000) is the checkpoint's recorded score:
+    # the loaded actor must act exactly as the trained one did
+    evaluator = load_script("eval_checkpoint", "benchmark")
+    scores, checkpoint = evaluator.episode_scores(str(tiny_checkpoints.checkpoint(algo)), 2, 10_001)
+    assert scores.shape == (2,)
+    assert scores[0] == pytest.approx(checkpoint["offline_normalized_score"], abs=1e-6)
+
+
+def test_eval_checkpoint_pairs_episodes_and_refuses_a_missing_output_folder(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints.checkpoint("td3bc")
+    done = run_script("benchmark/eval_checkpoint.py", path, path, "--episodes", 3, "--out", tmp_path / "eval.md",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in (tmp_path / "eval.md").read_text().splitlines() if line.startswith(f"| {path} |")]
+    assert len(rows) == 2 and rows[1].endswith("| +0.0 [+0.0, +0.0] |")  # the same policy on the same starts
+    refused = run_script("benchmark/eval_checkpoint.py", path, "--out", tmp_path / "no" / "eval.md", cwd=tmp_path)
+    assert refused.returncode != 0 and "its folder does not exist" in refused.stderr + refused.stdout
+    assert not (tmp_path / "no").exists()

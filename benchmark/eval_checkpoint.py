@@ -1,0 +1,88 @@
+"""Offline checkpoints scored on many episodes, the same episodes for each: how far apart are two pretraining budgets?
+
+    python benchmark/eval_checkpoint.py checkpoints/plateau/local-halfcheetah-medium-v0__td3bc__1.pt \
+        checkpoints/plateau-1m/local-halfcheetah-medium-v0__td3bc__1.pt --episodes 50 --out eval.md
+
+Pretraining's own evaluations use 5-10 episodes, so one of them can sit a point or two off the agent's mean. Here each
+checkpoint's actor (deterministic, as pretrain_offline.py evaluates it) plays `--episodes` episodes started from the
+environment seeds `--seed`, `--seed` + 1, ...; every checkpoint plays the same starts, so the difference of each later
+checkpoint to the first is paired episode by episode. The table gives the normalized score (mean and its 95%
+percentile bootstrap interval over episodes) and the paired difference to the first checkpoint. It measures the
+policy's noise over starting states only: nothing about other pretraining seeds.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_offline import ACTORS, evaluate, make_env, normalized_score  # noqa: E402
+from report import bootstrap_mean_ci, fail, write_staged  # noqa: E402
+
+
+@dataclass
+class Args:
+    checkpoints: tyro.conf.Positional[List[str]]
+    """pretrain_offline.py checkpoints of one environment; the first is the reference of the differences"""
+    episodes: int = 50
+    """episodes per checkpoint"""
+    seed: int = 1000
+    """environment seed of the first episode (pretraining evaluates from its run's seed; 1000 keeps these apart)"""
+    reps: int = 2000
+    """bootstrap resamples"""
+    out: Optional[str] = None
+    """also write the table here (markdown)"""
+
+
+def episode_scores(path: str, episodes: int, seed: int):
+    """The checkpoint's normalized score in each episode, and the checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        actor = ACTORS[checkpoint["algo"]](checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"])
+        actor.load_state_dict(checkpoint["actor"])
+    except Exception as exc:
+        fail(f"{path} is not a checkpoint of pretrain_offline.py ({type(exc).__name__}: {exc})")
+    env = make_env(checkpoint["gym_id"], checkpoint["gym_kwargs"], seed)
+    with torch.no_grad():
+        returns, _, _ = evaluate(actor.eval(), env, np.asarray(checkpoint["obs_mean"]),
+                                 np.asarray(checkpoint["obs_std"]), episodes, seed, torch.device("cpu"))
+    env.close()
+    return normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]), checkpoint
+
+
+def main(args: Args) -> None:
+    if args.episodes < 2 or args.reps < 1:
+        fail("--episodes must be at least 2 and --reps at least 1")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        fail(f"--out {args.out}: its folder does not exist; make it first or write elsewhere")
+    torch.set_num_threads(1)
+    lines = [f"{args.episodes} episodes per checkpoint from environment seeds {args.seed}-{args.seed + args.episodes - 1}"
+             " (the same for each); normalized score, mean [95% bootstrap interval over episodes]", "",
+             "| checkpoint | pretraining steps | pretraining's own last evaluation | score | minus the first (paired) |",
+             "| --- | --- | --- | --- | --- |"]
+    first = None
+    for path in args.checkpoints:
+        scores, meta = episode_scores(path, args.episodes, args.seed)
+        steps = meta.get("args", {}).get("total_steps", "?")
+        mean, low, high = bootstrap_mean_ci(scores, args.reps, 0)
+        if first is None:
+            first, difference = scores, ""
+        else:
+            d, d_low, d_high = bootstrap_mean_ci(scores - first, args.reps, 0)
+            difference = f"{d:+.1f} [{d_low:+.1f}, {d_high:+.1f}]"
+        lines.append(f"| {path} | {steps} | {meta.get('offline_normalized_score', float('nan')):.1f} | "
+                     f"{mean:.1f} [{low:.1f}, {high:.1f}] | {difference} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        write_staged(Path(args.out), text.encode())
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
