@@ -179,8 +179,8 @@ PRESETS: Dict[str, Preset] = {
         eval_episodes=5,
     ),
     # The frozen-dip question again from offline agents trained to their plateau (benchmark/results/plateau): TD3+BC
-    # on HalfCheetah medium (the data of frozen-dip) pretrained for 300k steps, the floor set for this experiment, until
-    # the pretraining curve in benchmark/results/plateau says where the score stops rising; 3 checkpoints x 3 online
+    # on HalfCheetah medium (the data of frozen-dip) pretrained for 300k steps (about a point below what 1M steps give:
+    # the pretraining curve and checkpoint_eval.md in benchmark/results/plateau); 3 checkpoints x 3 online
     # seeds, 20k online steps as in frozen-dip. Arms: the two baselines, the shipped default (Q_off frozen, adaptive
     # C-VAE), the fully frozen variant and the matched constant (even's p at frozen SAMG's mean p; add others with
     # --methods).
