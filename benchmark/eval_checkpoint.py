@@ -39,20 +39,26 @@ class Args:
     """also write the table here (markdown)"""
 
 
-def episode_scores(path: str, episodes: int, seed: int):
-    """The checkpoint's normalized score in each episode, and the checkpoint."""
+def load(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        actor = ACTORS[checkpoint["algo"]](checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"])
-        actor.load_state_dict(checkpoint["actor"])
+        ACTORS[checkpoint["algo"]](checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"]) \
+            .load_state_dict(checkpoint["actor"])
+        return checkpoint
     except Exception as exc:
-        fail(f"{path} is not a checkpoint of pretrain_offline.py ({type(exc).__name__}: {exc})")
+        fail(f"{path} is not a checkpoint of pretrain_offline.py ({type(exc).__name__}: {exc}); give checkpoints it wrote")
+
+
+def episode_scores(checkpoint: dict, episodes: int, seed: int) -> np.ndarray:
+    """The checkpoint's normalized score in each episode (its actor deterministic, episode i from seed + i)."""
+    actor = ACTORS[checkpoint["algo"]](checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dims"])
+    actor.load_state_dict(checkpoint["actor"])
     env = make_env(checkpoint["gym_id"], checkpoint["gym_kwargs"], seed)
     with torch.no_grad():
         returns, _, _ = evaluate(actor.eval(), env, np.asarray(checkpoint["obs_mean"]),
                                  np.asarray(checkpoint["obs_std"]), episodes, seed, torch.device("cpu"))
     env.close()
-    return normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"]), checkpoint
+    return normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
 
 
 def main(args: Args) -> None:
@@ -60,29 +66,35 @@ def main(args: Args) -> None:
         fail("--episodes must be at least 2 and --reps at least 1")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         fail(f"--out {args.out}: its folder does not exist; make it first or write elsewhere")
+    checkpoints = [load(path) for path in args.checkpoints]  # every input checked before the long part
+    if len({(c["gym_id"], str(c["gym_kwargs"])) for c in checkpoints}) > 1:
+        fail("the checkpoints are of different environments; give checkpoints of one environment")
     torch.set_num_threads(1)
     lines = [f"{args.episodes} episodes per checkpoint from environment seeds {args.seed}-{args.seed + args.episodes - 1}"
              " (the same for each); normalized score, mean [95% bootstrap interval over episodes]", "",
              "| checkpoint | pretraining steps | pretraining's own last evaluation | score | minus the first (paired) |",
              "| --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
     first = None
-    for path in args.checkpoints:
-        scores, meta = episode_scores(path, args.episodes, args.seed)
-        steps = meta.get("args", {}).get("total_steps", "?")
+    for path, checkpoint in zip(args.checkpoints, checkpoints):
+        scores = episode_scores(checkpoint, args.episodes, args.seed)
         mean, low, high = bootstrap_mean_ci(scores, args.reps, 0)
         if first is None:
             first, difference = scores, ""
         else:
             d, d_low, d_high = bootstrap_mean_ci(scores - first, args.reps, 0)
             difference = f"{d:+.1f} [{d_low:+.1f}, {d_high:+.1f}]"
-        lines.append(f"| {path} | {steps} | {meta.get('offline_normalized_score', float('nan')):.1f} | "
+        lines.append(f"| {path} | {checkpoint.get('args', {}).get('total_steps', '?')} | "
+                     f"{checkpoint.get('offline_normalized_score', float('nan')):.1f} | "
                      f"{mean:.1f} [{low:.1f}, {high:.1f}] | {difference} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
     if args.out:
-        write_staged(Path(args.out), text.encode())
+        write_staged(Path(args.out), ("\n".join(lines) + "\n").encode())
+        print(f"written to {args.out}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:
+        sys.exit("stopped; nothing written")

@@ -759,7 +759,8 @@ def test_eval_checkpoint_replays_pretrainings_own_last_evaluation(tiny_checkpoin
     # pretraining's last evaluation (1 episode from environment seed 1 + 10000) is the checkpoint's recorded score:
     # the loaded actor must act exactly as the trained one did
     evaluator = load_script("eval_checkpoint", "benchmark")
-    scores, checkpoint = evaluator.episode_scores(str(tiny_checkpoints.checkpoint(algo)), 2, 10_001)
+    checkpoint = evaluator.load(str(tiny_checkpoints.checkpoint(algo)))
+    scores = evaluator.episode_scores(checkpoint, 2, 10_001)
     assert scores.shape == (2,)
     assert scores[0] == pytest.approx(checkpoint["offline_normalized_score"], abs=1e-6)
 
@@ -774,3 +775,9 @@ def test_eval_checkpoint_pairs_episodes_and_refuses_a_missing_output_folder(tiny
     refused = run_script("benchmark/eval_checkpoint.py", path, "--out", tmp_path / "no" / "eval.md", cwd=tmp_path)
     assert refused.returncode != 0 and "its folder does not exist" in refused.stderr + refused.stdout
     assert not (tmp_path / "no").exists()
+    other = tmp_path / "other.pt"  # another environment: refused before any episode, nothing written
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "gym_id": "Walker2d-v5"}, other)
+    refused = run_script("benchmark/eval_checkpoint.py", path, other, "--out", tmp_path / "mixed.md", cwd=tmp_path)
+    assert refused.returncode != 0 and "different environments" in refused.stderr
+    assert not (tmp_path / "mixed.md").exists()
