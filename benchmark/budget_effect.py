@@ -18,13 +18,13 @@ two budgets' effects differ only when they differ a lot and consistently. Beside
 import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import tyro
 
-from report import by_checkpoint, checkpoint_differences, fail, pooled_test, runs_from_csv, scored_runs, write_staged
+from report import (by_checkpoint, check_out, checkpoint_differences, fail, pooled_test, print_and_write, runs_from_csv,
+                    scored_runs)
 
 SCORES = {"final": "final", "dip": "dip", "during": "mean after warm-up"}
 
@@ -82,6 +82,7 @@ def cell(folder: str, args: Args, rename: dict) -> dict:
 
 
 def main(args: Args):
+    check_out(args.out)
     rename = dict(pair.split("=", 1) for pair in args.rename if "=" in pair)
     if len(rename) != len(args.rename):
         fail("--rename takes OLD=NEW pairs, e.g. --rename samg=samg-adaptive")
@@ -109,11 +110,7 @@ def main(args: Args):
                          f"{np.mean(d_long) - np.mean(d_short):+.1f} | {permutation_p(d_long, d_short):.2f} | "
                          f"{both['negative']} / {both['positive']}, {both['sign_flip_p']:.3f} |")
     lines += ["", f"Offline scores (mean over checkpoints): short {offline['short']:.1f}, long {offline['long']:.1f}."]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        write_staged(Path(args.out), text.encode())
-        print(f"wrote {args.out}")
+    print_and_write("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_offline import ACTORS, evaluate, make_env, normalized_score  # noqa: E402
-from report import bootstrap_mean_ci, fail, write_staged  # noqa: E402
+from report import bootstrap_mean_ci, check_out, fail, write_staged  # noqa: E402
 
 
 @dataclass
@@ -64,8 +64,7 @@ def episode_scores(checkpoint: dict, episodes: int, seed: int) -> np.ndarray:
 def main(args: Args) -> None:
     if args.episodes < 2 or args.reps < 1:
         fail("--episodes must be at least 2 and --reps at least 1")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        fail(f"--out {args.out}: its folder does not exist; make it first or write elsewhere")
+    check_out(args.out)
     checkpoints = [load(path) for path in args.checkpoints]  # every input checked before the long part
     if len({(c["gym_id"], str(c["gym_kwargs"])) for c in checkpoints}) > 1:
         fail("the checkpoints are of different environments; give checkpoints of one environment")
@@ -90,7 +89,7 @@ def main(args: Args) -> None:
         print(lines[-1], flush=True)
     if args.out:
         write_staged(Path(args.out), ("\n".join(lines) + "\n").encode())
-        print(f"written to {args.out}")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

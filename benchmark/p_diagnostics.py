@@ -11,13 +11,12 @@ next pairs minus the online target critic's). "-" where the arm's runs did not l
 comes from the C-VAE; AUROC only with a reservoir).
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import tyro
 
-from report import fail, method_rank, runs_from_csv, write_staged
+from report import check_out, fail, method_rank, print_and_write, runs_from_csv
 
 COLUMNS = (("p_mean", "samg/p_mean", "{:.3f}"), ("share with p > 0", "samg/p_active_frac", "{:.2f}"),
            ("median p", "samg/p_q50", "{:.2f}"), ("AUROC", "samg/p_auroc", "{:.3f}"), ("Q_off - Qbar", None, "{:.1f}"))
@@ -54,6 +53,7 @@ def window_mean(scalars: dict, tag: Optional[str], low: int, high: int) -> float
 
 
 def main(args: Args):
+    check_out(args.out)
     try:
         windows = [tuple(int(x) for x in window.split("-")) for window in args.windows]
     except ValueError:
@@ -76,11 +76,7 @@ def main(args: Args):
             cells.append("-" if all(np.isnan(values)) else " / ".join(
                 "-" if np.isnan(v) else form.format(v) for v in values))
         lines.append(f"| {method} | {len(arm)} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        write_staged(Path(args.out), text.encode())
-        print(f"wrote {args.out}")
+    print_and_write("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,20 @@ def write_staged(path: Path, data: bytes):
         raise
 
 
+def check_out(out: Optional[str]):
+    """One sentence, before any work, when --out's folder does not exist."""
+    if out and not Path(out).resolve().parent.is_dir():
+        fail(f"--out {out}: its folder does not exist; make it first or write elsewhere")
+
+
+def print_and_write(text: str, out: Optional[str]):
+    """Prints a markdown table and, with --out, writes it there whole (staged)."""
+    print(text, end="")
+    if out:
+        write_staged(Path(out), text.encode())
+        print(f"wrote {out}")
+
+
 # --- reading the runs: from the TensorBoard logs, or from a CSV export ---
 def read_scalars(run_dir: Path, tags=EXPORT_TAGS) -> Scalars:
     """Steps and values of each of `tags` that any event file under `run_dir` holds (the scripts log into a
